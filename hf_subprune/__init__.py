@@ -1,0 +1,11 @@
+"""hf_subprune: structured pruning of transformers models by greedy submodular selection with a
+least-squares refit of the next layer (El Halabi et al., NeurIPS 2022)."""
+
+__version__ = "0.1.0"
+
+from .adapters import ADAPTERS, UnsupportedModelError, get_adapter  # noqa: E402
+from .api import PruneResult, count_parameters, prune  # noqa: E402
+from .config import PruneConfig  # noqa: E402
+
+__all__ = ["prune", "PruneConfig", "PruneResult", "count_parameters", "ADAPTERS", "get_adapter",
+           "UnsupportedModelError", "__version__"]

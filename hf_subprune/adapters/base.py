@@ -1,0 +1,112 @@
+"""Declarative description of where the prunable sites of an architecture family are.
+
+An adapter names modules and config fields, nothing more: the calibration runner, selection and surgery
+read it. Adding a family is adding a small module that registers an ``Adapter``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["MlpSpec", "AttentionSpec", "Adapter", "ADAPTERS", "register_adapter", "get_adapter", "UnsupportedModelError"]
+
+
+class UnsupportedModelError(ValueError):
+    """The model's ``model_type`` has no adapter."""
+
+
+@dataclass(frozen=True)
+class MlpSpec:
+    """An MLP site: the producers' output rows and the consumer's input columns are the neurons.
+
+    Attributes:
+        producers: module paths, relative to the block, whose output features are the neurons.
+        consumer: module path of the projection back to the hidden size.
+        width_field: config field holding the neuron count (e.g. ``intermediate_size``).
+    """
+
+    producers: tuple[str, ...]
+    consumer: str
+    width_field: str
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """A multi-head (possibly grouped-query) attention site with separate q, k, v projections.
+
+    Attributes:
+        query, key, value: module paths of the projections (output features are heads x head_dim).
+        output: the output projection; its input columns are grouped per query head.
+        module: path of the attention module whose ``module_attrs`` follow the head counts.
+        heads_field / kv_heads_field / head_dim_field: config fields (kv and head_dim may be absent).
+        stock_export: whether a stock config can express fewer heads (it cannot where the head size is
+            derived from the hidden size, as in BERT).
+    """
+
+    query: str
+    key: str
+    value: str
+    output: str
+    module: str
+    heads_field: str
+    kv_heads_field: str | None = None
+    head_dim_field: str | None = "head_dim"
+    stock_export: bool = True
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One architecture family.
+
+    Attributes:
+        model_types: ``config.model_type`` values served.
+        mlp: the MLP site.
+        attention: the attention site, when heads can be pruned with a stock export.
+        transposed: projections are GPT-2 ``Conv1D`` (weight stored in x out).
+        notes: shown when a request cannot be served (e.g. why heads are not pruned).
+    """
+
+    model_types: tuple[str, ...]
+    mlp: MlpSpec
+    attention: AttentionSpec | None = None
+    transposed: bool = False
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    # --- weights in nn.Linear layout (out x in), whatever the storage ---
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.T if self.transposed else module.weight
+
+    def heads(self, config) -> int:
+        return int(getattr(config, self.attention.heads_field))
+
+    def kv_heads(self, config) -> int:
+        spec = self.attention
+        value = getattr(config, spec.kv_heads_field, None) if spec.kv_heads_field else None
+        return int(value) if value else self.heads(config)
+
+    def head_dim(self, config) -> int:
+        value = getattr(config, self.attention.head_dim_field, None) if self.attention.head_dim_field else None
+        return int(value) if value else config.hidden_size // self.heads(config)
+
+
+ADAPTERS: dict[str, Adapter] = {}
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    for model_type in adapter.model_types:
+        ADAPTERS[model_type] = adapter
+    return adapter
+
+
+def get_adapter(config) -> Adapter:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported by hf_subprune. Supported model types: "
+            f"{', '.join(sorted(ADAPTERS))}. New families are added as a small adapter in hf_subprune/adapters/."
+        )
+    return ADAPTERS[model_type]

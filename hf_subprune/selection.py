@@ -1,0 +1,490 @@
+"""Greedy submodular channel selection with a least-squares refit of the next layer.
+
+Pure tensor code (no transformers import): everything here works on one *site*'s summed statistics
+(DESIGN.md s.1-3), so it can be tested on random matrices and runs the same on CPU and CUDA.
+
+Notation: the consumer layer has weight ``W`` (m x d, ``nn.Linear`` layout). Over the calibration tokens,
+``b_t`` is its input in the model pruned so far and ``y_t`` the output it should reproduce. We keep a set
+S of *groups* of input columns (neurons, or ``head_dim`` columns per head) and new weights ``W'`` so that
+``sum_t ||y_t - W' b_{t,S} - c||^2`` is small.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "NonFiniteStatisticsError",
+    "SiteStatistics",
+    "Selection",
+    "GroupLayout",
+    "greedy_select",
+    "refit",
+    "reconstruction_error",
+]
+
+
+class NonFiniteStatisticsError(ValueError):
+    """Raised when a site's statistics hold NaN or Inf (usually an overflowing half-precision forward)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SiteStatistics:
+    """Sufficient statistics of one site, summed over tokens (a mergeable, streaming sum).
+
+    Attributes:
+        gram: ``sum_t b_t b_t^T`` (d x d).
+        cross: ``sum_t b_t y_t^T`` (d x m).
+        target_sq: ``sum_t ||y_t||^2`` (0-dim tensor).
+        count: number of tokens (0-dim tensor, kept as a float so that it reduces like the others).
+        input_sum: ``sum_t b_t`` (d), for the bias shift.
+        target_sum: ``sum_t y_t`` (m), for the bias shift.
+    """
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    target_sq: torch.Tensor
+    count: torch.Tensor
+    input_sum: torch.Tensor
+    target_sum: torch.Tensor
+
+    @classmethod
+    def zeros(cls, d: int, m: int, *, device=None, dtype: torch.dtype = torch.float64) -> "SiteStatistics":
+        z = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
+        return cls(z(d, d), z(d, m), z(()), z(()), z(d), z(m))
+
+    @classmethod
+    def from_activations(cls, inputs: torch.Tensor, targets: torch.Tensor, *, dtype=torch.float64) -> "SiteStatistics":
+        """Statistics of one batch: ``inputs`` (n x d) are the b_t, ``targets`` (n x m) the y_t."""
+        stats = cls.zeros(inputs.shape[-1], targets.shape[-1], device=inputs.device, dtype=dtype)
+        stats.update(inputs, targets)
+        return stats
+
+    @property
+    def in_features(self) -> int:
+        return self.gram.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.cross.shape[1]
+
+    @torch.no_grad()
+    def update(self, inputs: torch.Tensor, targets: torch.Tensor, *, compute_dtype: torch.dtype | None = None) -> None:
+        """Add a batch of token rows. The products run in ``compute_dtype`` (default: the inputs' dtype
+        promoted to at least fp32) and are summed into the accumulators' dtype, so a bf16 model still
+        accumulates in fp32 or fp64."""
+        inputs = inputs.reshape(-1, inputs.shape[-1])
+        targets = targets.reshape(-1, targets.shape[-1])
+        if inputs.shape[0] != targets.shape[0]:
+            raise ValueError(f"inputs have {inputs.shape[0]} tokens but targets have {targets.shape[0]}")
+        dt = compute_dtype or torch.promote_types(inputs.dtype, torch.float32)
+        b = inputs.to(device=self.gram.device, dtype=dt)
+        y = targets.to(device=self.gram.device, dtype=dt)
+        acc = self.gram.dtype
+        self.gram += (b.T @ b).to(acc)
+        self.cross += (b.T @ y).to(acc)
+        self.target_sq += y.to(acc).square().sum()
+        self.count += b.shape[0]
+        self.input_sum += b.sum(0).to(acc)
+        self.target_sum += y.sum(0).to(acc)
+
+    def __add__(self, other: "SiteStatistics") -> "SiteStatistics":
+        return SiteStatistics(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def __iadd__(self, other: "SiteStatistics") -> "SiteStatistics":
+        for f in fields(self):
+            getattr(self, f.name).add_(getattr(other, f.name))
+        return self
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "SiteStatistics":
+        return SiteStatistics(*(getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The accumulators, in a fixed order (for an all-reduce across processes)."""
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def check_finite(self, site: str = "site") -> None:
+        for f in fields(self):
+            if not torch.isfinite(getattr(self, f.name)).all():
+                raise NonFiniteStatisticsError(
+                    f"{site}: the calibration statistics ({f.name}) contain NaN or Inf. The forward pass "
+                    "overflowed or the model weights are broken: run in float32 (--dtype float32) or check "
+                    "the model with a plain forward first."
+                )
+
+    def centred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(G, C, s)`` about the token means: the least-squares problem with a free intercept."""
+        n = self.count.clamp_min(1)
+        mb, my = self.input_sum / n, self.target_sum / n
+        gram = self.gram - n * torch.outer(mb, mb)
+        cross = self.cross - n * torch.outer(mb, my)
+        target_sq = self.target_sq - n * my.square().sum()
+        return gram, cross, target_sq
+
+    @classmethod
+    def from_inputs_only(cls, gram_stats: "SiteStatistics", weight: torch.Tensor) -> "SiteStatistics":
+        """Statistics for ``y_t = W b_t`` from the input-side sums alone (sequential and layerwise
+        variants, where a = b): ``C = G W^T``, ``s = tr(W G W^T)``, no second input stream needed."""
+        w = weight.to(gram_stats.gram)
+        cross = gram_stats.gram @ w.T
+        return cls(
+            gram=gram_stats.gram,
+            cross=cross,
+            target_sq=(w.T * cross).sum(),
+            count=gram_stats.count,
+            input_sum=gram_stats.input_sum,
+            target_sum=w @ gram_stats.input_sum,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Groups
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Which input columns form each group, as an (num_groups x group_size) index tensor."""
+
+    columns: torch.Tensor
+
+    @classmethod
+    def build(cls, d: int, group_size: int = 1, groups: Sequence[Sequence[int]] | torch.Tensor | None = None) -> "GroupLayout":
+        if groups is None:
+            if group_size < 1 or d % group_size:
+                raise ValueError(f"{d} input columns cannot be split into groups of {group_size}")
+            return cls(torch.arange(d).view(-1, group_size))
+        cols = torch.as_tensor([list(g) for g in groups] if not torch.is_tensor(groups) else groups, dtype=torch.long)
+        if cols.ndim != 2 or cols.numel() == 0:
+            raise ValueError("groups must be a non-empty list of index lists of equal size")
+        flat = cols.flatten()
+        if flat.min() < 0 or flat.max() >= d or flat.unique().numel() != flat.numel():
+            raise ValueError(f"groups must hold distinct column indices in [0, {d})")
+        return cls(cols)
+
+    @property
+    def num_groups(self) -> int:
+        return self.columns.shape[0]
+
+    @property
+    def group_size(self) -> int:
+        return self.columns.shape[1]
+
+    def kept_columns(self, kept_groups: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Input columns of the kept groups, ascending (the order the cut layer will have)."""
+        idx = torch.as_tensor(kept_groups, dtype=torch.long)
+        return self.columns[idx].flatten().sort().values
+
+
+# --------------------------------------------------------------------------------------------------
+# Result
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    """What a selection returns.
+
+    Attributes:
+        kept: kept group indices in the order they were picked.
+        kept_columns: the kept input columns, ascending.
+        weight: refitted consumer weight for ``kept_columns`` (m x len(kept_columns)); ``None`` when no
+            refit was asked for.
+        bias_shift: m-vector to add to the consumer bias (zeros when disabled).
+        curve: reconstruction error after each greedy step (length k); empty for baselines.
+        target_sq: ``sum_t ||y_t||^2``, so that ``curve / target_sq`` is the relative error.
+        error: reconstruction error of the returned weights (damped objective), when a refit was done.
+        diagnostics: rank and conditioning figures (see ``greedy_select``).
+    """
+
+    kept: list[int]
+    kept_columns: torch.Tensor
+    weight: torch.Tensor | None
+    bias_shift: torch.Tensor
+    curve: torch.Tensor
+    target_sq: float
+    error: float | None = None
+    diagnostics: dict = field(default_factory=dict)
+
+    @property
+    def relative_curve(self) -> torch.Tensor:
+        return self.curve / max(self.target_sq, 1e-30)
+
+
+# --------------------------------------------------------------------------------------------------
+# Solves
+# --------------------------------------------------------------------------------------------------
+
+
+def _dependence_tol(dtype: torch.dtype) -> float:
+    """Residual variance (relative to the column's own) below which a column counts as dependent."""
+    return 1e-9 if dtype == torch.float64 else 1e-5
+
+
+def _damping(gram: torch.Tensor, damping: float) -> float:
+    diag = gram.diagonal()
+    return float(damping * diag.mean().clamp_min(0)) if diag.numel() else 0.0
+
+
+def _jittered_cholesky(a: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of a (batch of) symmetric PSD matrices, adding the least jitter that makes it work.
+
+    Only the matrices that fail get a jitter, of ``eps * mean(diag)`` growing by 10x until the
+    factorisation succeeds, so singular blocks (dead neurons, duplicated columns, fewer tokens than
+    dimensions) still give a finite factor and do not disturb their neighbours in the batch.
+    """
+    factor, info = torch.linalg.cholesky_ex(a)
+    failed = info > 0
+    if not bool(failed.any()):
+        return factor
+    n = a.shape[-1]
+    eye = torch.eye(n, dtype=a.dtype, device=a.device)
+    tiny = torch.finfo(a.dtype).tiny
+    scale = a.diagonal(dim1=-2, dim2=-1).mean(-1).abs().clamp_min(tiny)[..., None, None]
+    jitter = 10 * torch.finfo(a.dtype).eps
+    while jitter < 1e6:
+        retry, info = torch.linalg.cholesky_ex(a + jitter * scale * eye)
+        factor = torch.where(failed[..., None, None], retry, factor)
+        failed = failed & (info > 0)
+        if not bool(failed.any()):
+            return factor
+        jitter *= 10
+    raise RuntimeError("could not factorise the statistics even with heavy damping; they are not PSD")
+
+
+def _problem(stats: SiteStatistics, bias_shift: bool, dtype: torch.dtype):
+    stats = stats.to(dtype=dtype)
+    if bias_shift:
+        gram, cross, target_sq = stats.centred()
+    else:
+        gram, cross, target_sq = stats.gram, stats.cross, stats.target_sq
+    return stats, gram, cross, float(target_sq)
+
+
+def refit(
+    stats: SiteStatistics,
+    kept_columns: Sequence[int] | torch.Tensor,
+    *,
+    damping: float = 1e-3,
+    bias_shift: bool = True,
+    dtype: torch.dtype | None = None,
+    site: str = "site",
+) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
+    """Least-squares consumer weights for a given set of kept input columns.
+
+    Solves ``W'^T = (G_SS + lambda I)^{-1} C_S`` by a Cholesky factorisation (never an explicit inverse),
+    ``lambda = damping * mean(diag G)`` over all the site's columns; with ``bias_shift`` the problem is centred so that the
+    intercept ``c = mean(y) - W' mean(b_S)`` is exact.
+
+    Returns:
+        ``(weight m x |S|, bias_shift m, error, diagnostics)`` in the statistics' dtype.
+    """
+    stats.check_finite(site)
+    dtype = dtype or stats.gram.dtype
+    stats, gram, cross, target_sq = _problem(stats, bias_shift, dtype)
+    cols = torch.as_tensor(kept_columns, dtype=torch.long, device=gram.device).sort().values
+    m = cross.shape[1]
+    if cols.numel() == 0:
+        shift = stats.target_sum / stats.count.clamp_min(1) if bias_shift else cross.new_zeros(m)
+        return cross.new_zeros(m, 0), shift, target_sq, {"rank": 0}
+    lam = _damping(gram, damping)  # relative to the whole site, as in greedy_select: curves and refit agree
+    g_ss = gram[cols][:, cols]
+    g_ss = g_ss + lam * torch.eye(len(cols), dtype=dtype, device=gram.device)
+    factor = _jittered_cholesky(g_ss)
+    c_s = cross[cols]
+    w_t = torch.cholesky_solve(c_s, factor)  # |S| x m
+    # Damped objective: s - 2 tr(W C) + tr(W (G + lam) W^T) = s - tr(W C) at the optimum.
+    error = target_sq - float((w_t * c_s).sum())
+    if bias_shift:
+        n = stats.count.clamp_min(1)
+        shift = stats.target_sum / n - w_t.T @ (stats.input_sum[cols] / n)
+    else:
+        shift = cross.new_zeros(m)
+    pivots = factor.diagonal().square()
+    diagnostics = {
+        "damping": lam,
+        "condition_estimate": float(pivots.max() / pivots.min().clamp_min(torch.finfo(dtype).tiny)),
+    }
+    return w_t.T.contiguous(), shift, error, diagnostics
+
+
+# --------------------------------------------------------------------------------------------------
+# Greedy
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_budget(k: int, layout: GroupLayout, partition, per_class) -> tuple[int, torch.Tensor | None]:
+    if partition is not None:
+        partition = torch.as_tensor(partition, dtype=torch.long)
+        if partition.shape != (layout.num_groups,):
+            raise ValueError(f"partition must give a class for each of the {layout.num_groups} groups")
+        if per_class is None:
+            raise ValueError("partition needs per_class (how many groups to keep in each class)")
+        sizes = torch.bincount(partition)
+        if (sizes[sizes > 0] < per_class).any():
+            raise ValueError(f"a class has fewer than per_class={per_class} groups")
+        quota_k = per_class * int((sizes > 0).sum())
+        if k is None:
+            k = quota_k
+        elif k != quota_k:
+            raise ValueError(f"k={k} but the quota keeps {per_class} in each of {int((sizes > 0).sum())} classes = {quota_k}")
+    if k is None or not 0 <= k <= layout.num_groups:
+        raise ValueError(f"k must be between 0 and the number of groups ({layout.num_groups}), got {k}")
+    return k, partition
+
+
+@torch.no_grad()
+def greedy_select(
+    stats: SiteStatistics,
+    k: int | None,
+    group_size: int = 1,
+    groups: Sequence[Sequence[int]] | torch.Tensor | None = None,
+    *,
+    damping: float = 1e-3,
+    bias_shift: bool = True,
+    partition: Sequence[int] | torch.Tensor | None = None,
+    per_class: int | None = None,
+    dtype: torch.dtype | None = None,
+    site: str = "site",
+) -> Selection:
+    """Greedy forward selection of ``k`` groups of input columns, then the least-squares refit.
+
+    Each step adds the group with the largest gain ``||L_g^{-1} C_r[g]||_F^2``, where ``C_r`` is the cross
+    term with the kept groups projected out and ``L_g L_g^T`` the group's residual gram block; then it
+    extends a Cholesky-like factor ``F`` (d x kept columns) by the new group and updates ``C_r`` and the
+    residual diagonal blocks by rank-r products. Nothing is re-solved from scratch and no Python loop runs
+    over d: with groups of r columns a step costs O(d (|S| r + m r)), so k steps cost O(k d (k r + m) r)
+    (O(k d (k + m)) for single neurons), plus O(|S|^3) once for the refit.
+
+    The problem is damped by ``lambda = damping * mean(diag G)`` (the same ridge that the refit uses), so
+    the error curve and the returned weights are consistent. Groups whose residual variance is negligible
+    (in the span of the kept ones, or dead) get zero gain and are only picked once nothing else is left;
+    such picks are counted in ``diagnostics["dependent_picks"]``.
+
+    Args:
+        stats: the site's statistics.
+        k: number of groups to keep (``None`` with a quota: ``per_class`` times the number of classes).
+        group_size: columns per group when groups are contiguous blocks.
+        groups: explicit index sets (all of equal size) instead of contiguous blocks.
+        damping: relative ridge on the gram diagonal.
+        bias_shift: fit an intercept (returned as ``bias_shift``) by centring the statistics.
+        partition: class of each group (e.g. its kv head); with ``per_class`` keeps exactly that many
+            groups in every class (grouped-query attention stays valid).
+        dtype: dtype to solve in (default: the statistics' dtype; float32 and float64 both work).
+        site: name used in error messages.
+    """
+    stats.check_finite(site)
+    dtype = dtype or stats.gram.dtype
+    stats_, gram, cross, target_sq = _problem(stats, bias_shift, dtype)
+    d, m = cross.shape
+    layout = GroupLayout.build(d, group_size, groups)
+    k, partition = _check_budget(k, layout, partition, per_class)
+    device = gram.device
+    r, ng = layout.group_size, layout.num_groups
+    cols = layout.columns.to(device)
+    lam = _damping(gram, damping)
+
+    # Work in group-contiguous order: row p of every state tensor is column order[p].
+    order = cols.flatten()
+    gram_p = gram.index_select(0, order).index_select(1, order)  # d' x d', d' = grouped columns
+    c_r = cross.index_select(0, order).clone()  # residual cross term (d' x m)
+    dp = order.numel()
+    blocks = gram_p.view(ng, r, ng, r).diagonal(dim1=0, dim2=2).permute(2, 0, 1).clone()  # ng x r x r
+    eye_r = torch.eye(r, dtype=dtype, device=device)
+    blocks += lam * eye_r
+    own_var = blocks.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(dtype).tiny)
+    tol = _dependence_tol(dtype)
+    factor = torch.zeros(dp, k * r, dtype=dtype, device=device)
+
+    available = torch.ones(ng, dtype=torch.bool, device=device)
+    counts = torch.zeros(int(partition.max()) + 1, dtype=torch.long, device=device) if partition is not None else None
+    part = partition.to(device) if partition is not None else None
+    kept: list[int] = []
+    gains = torch.zeros(k, dtype=dtype)
+    dependent_picks = 0
+    for step in range(k):
+        resid_var = blocks.diagonal(dim1=-2, dim2=-1).sum(-1)
+        live = resid_var > tol * own_var
+        c_groups = c_r.view(ng, r, m)
+        if r == 1:
+            gain = c_groups.squeeze(1).square().sum(-1) / resid_var.clamp_min(torch.finfo(dtype).tiny)
+        else:
+            # Picked and dependent blocks are masked below; factor identities there instead.
+            safe = torch.where((live & available)[:, None, None], blocks, eye_r)
+            chol = _jittered_cholesky(safe)
+            gain = torch.linalg.solve_triangular(chol, c_groups, upper=False).square().sum((-2, -1))
+        gain = torch.where(live, gain, torch.zeros_like(gain))
+        candidates = available if part is None else available & (counts[part] < per_class)
+        gain = torch.where(candidates, gain, torch.full_like(gain, -1.0))
+        g = int(torch.argmax(gain))  # first maximum: ties go to the lowest index
+        kept.append(g)
+        available[g] = False
+        if part is not None:
+            counts[part[g]] += 1
+        rows = slice(g * r, (g + 1) * r)
+        if not bool(live[g]):
+            dependent_picks += 1
+            continue  # contributes nothing; keeping the factor unchanged keeps it well defined
+        gains[step] = gain[g].cpu()
+        # New factor columns: residual gram columns of the group, whitened by its block's Cholesky.
+        used = step * r
+        v = gram_p[rows].T.clone()  # d' x r (rows of a symmetric matrix: contiguous reads)
+        v[rows] += lam * eye_r
+        v -= factor[:, :used] @ factor[rows, :used].T
+        l_g = _jittered_cholesky(blocks[g])
+        q = torch.linalg.solve_triangular(l_g, v.T, upper=False).T  # d' x r, q q^T = projected gram
+        u = torch.linalg.solve_triangular(l_g, c_r[rows], upper=False)  # r x m
+        factor[:, used : used + r] = q
+        c_r -= q @ u
+        qg = q.view(ng, r, r)
+        blocks -= qg @ qg.transpose(-1, -2)
+
+    curve = target_sq - torch.cumsum(gains, 0)
+    kept_columns = layout.kept_columns(kept)
+    weight, shift, error, diag = refit(stats_, kept_columns, damping=damping, bias_shift=bias_shift, dtype=dtype, site=site)
+    diag.update(dependent_picks=dependent_picks, rank=len(kept) - dependent_picks)
+    return Selection(
+        kept=kept,
+        kept_columns=kept_columns,
+        weight=weight,
+        bias_shift=shift,
+        curve=curve,
+        target_sq=float(stats_.target_sq),
+        error=error,
+        diagnostics=diag,
+    )
+
+
+def reconstruction_error(
+    stats: SiteStatistics,
+    kept_columns: torch.Tensor,
+    weight: torch.Tensor,
+    bias_shift: torch.Tensor | None = None,
+) -> float:
+    """``sum_t ||y_t - W' b_{t,S} - c||^2`` of given weights, from the statistics alone (undamped).
+
+    Lets every method, refitted or not, be scored on the same footing in the report.
+    """
+    dt = stats.gram.dtype
+    cols = torch.as_tensor(kept_columns, dtype=torch.long, device=stats.gram.device)
+    w = weight.to(device=stats.gram.device, dtype=dt)
+    c = torch.zeros(w.shape[0], dtype=dt, device=w.device) if bias_shift is None else bias_shift.to(w)
+    g_ss = stats.gram[cols][:, cols]
+    err = (
+        stats.target_sq
+        - 2 * (w.T * stats.cross[cols]).sum()
+        + (w @ g_ss * w).sum()
+        - 2 * c @ stats.target_sum
+        + 2 * c @ (w @ stats.input_sum[cols])
+        + stats.count * c.square().sum()
+    )
+    return float(err)

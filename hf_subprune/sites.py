@@ -1,0 +1,86 @@
+"""Sites of one block, built from an adapter: which consumer columns form each group, how many to keep,
+and which producer rows go with the kept groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import Adapter
+
+__all__ = ["Site", "block_sites"]
+
+
+@dataclass
+class Site:
+    """One producer/consumer pair of a block.
+
+    Attributes:
+        kind: ``"attention"`` or ``"mlp"`` (attention first: it feeds the MLP).
+        name: e.g. ``layers.3.mlp``, for reports and errors.
+        consumer: module path (relative to the block) whose input columns are refitted.
+        groups: consumer input columns of each group (num_groups x group_size).
+        keep: number of groups to keep.
+        partition / per_class: grouped-query quota (class of each group, groups kept per class).
+        producer_rows: for each producer path, the rows (output features) owned by each group
+            (num_groups x rows_per_group).
+    """
+
+    kind: str
+    name: str
+    consumer: str
+    groups: torch.Tensor
+    keep: int
+    producer_rows: dict[str, torch.Tensor]
+    partition: torch.Tensor | None = None
+    per_class: int | None = None
+
+    @property
+    def num_groups(self) -> int:
+        return self.groups.shape[0]
+
+    def rows_to_keep(self, kept_groups: list[int]) -> dict[str, torch.Tensor]:
+        kept = torch.as_tensor(sorted(kept_groups), dtype=torch.long)
+        return {path: rows[kept].flatten() for path, rows in self.producer_rows.items()}
+
+
+def _blocks_of(n: int, size: int) -> torch.Tensor:
+    return torch.arange(n * size).view(n, size)
+
+
+def attention_site(adapter: Adapter, config, name: str, heads_kept: int, kv_heads_kept: int, mode: str) -> Site:
+    spec = adapter.attention
+    heads, kv_heads, hd = adapter.heads(config), adapter.kv_heads(config), adapter.head_dim(config)
+    per_kv = heads // kv_heads
+    if mode == "kv_group":
+        # One group = a kv head with all its query heads: their o columns are contiguous.
+        return Site(
+            kind="attention", name=name, consumer=spec.output, groups=_blocks_of(kv_heads, per_kv * hd),
+            keep=kv_heads_kept,
+            producer_rows={spec.query: _blocks_of(kv_heads, per_kv * hd), spec.key: _blocks_of(kv_heads, hd),
+                           spec.value: _blocks_of(kv_heads, hd)},
+        )
+    per_class = heads_kept // kv_heads
+    return Site(
+        kind="attention", name=name, consumer=spec.output, groups=_blocks_of(heads, hd), keep=heads_kept,
+        producer_rows={spec.query: _blocks_of(heads, hd)},
+        partition=torch.arange(heads) // per_kv, per_class=per_class,
+    )
+
+
+def mlp_site(adapter: Adapter, name: str, width: int, keep: int) -> Site:
+    spec = adapter.mlp
+    neurons = _blocks_of(width, 1)
+    return Site(kind="mlp", name=name, consumer=spec.consumer, groups=neurons, keep=keep,
+                producer_rows={p: neurons for p in spec.producers})
+
+
+def block_sites(adapter: Adapter, config, block_name: str, widths, mlp_width: int, mode: str) -> list[Site]:
+    """The block's sites in forward order, skipping those left at full width (nothing to do there)."""
+    sites = []
+    if adapter.attention is not None and widths.heads < adapter.heads(config):
+        sites.append(attention_site(adapter, config, f"{block_name}.attention", widths.heads, widths.kv_heads, mode))
+    if widths.mlp < mlp_width:
+        sites.append(mlp_site(adapter, f"{block_name}.mlp", mlp_width, widths.mlp))
+    return sites
