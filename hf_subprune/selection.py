@@ -82,8 +82,7 @@ class SiteStatistics:
         """Add a batch of token rows. The products run in ``compute_dtype`` (default: the inputs' dtype
         promoted to at least fp32) and are summed into the accumulators' dtype, so a bf16 model still
         accumulates in fp32 or fp64."""
-        inputs = inputs.reshape(-1, inputs.shape[-1])
-        targets = targets.reshape(-1, targets.shape[-1])
+        inputs, targets = inputs.flatten(0, -2), targets.flatten(0, -2)  # tokens x features
         if inputs.shape[0] != targets.shape[0]:
             raise ValueError(f"inputs have {inputs.shape[0]} tokens but targets have {targets.shape[0]}")
         dt = compute_dtype or torch.promote_types(inputs.dtype, torch.float32)
@@ -342,6 +341,105 @@ def _check_budget(k: int, layout: GroupLayout, partition, per_class) -> tuple[in
     return k, partition
 
 
+class _Picker:
+    """Which group a greedy step takes: the best live candidate, ties to the lowest index, within quotas."""
+
+    def __init__(self, num_groups: int, partition: torch.Tensor | None, per_class: int | None, device) -> None:
+        self.available = torch.ones(num_groups, dtype=torch.bool, device=device)
+        self.partition = partition.to(device) if partition is not None else None
+        self.per_class = per_class
+        self.counts = (torch.zeros(int(partition.max()) + 1, dtype=torch.long, device=device)
+                       if partition is not None else None)
+
+    def pick(self, gain: torch.Tensor) -> int:
+        candidates = self.available
+        if self.partition is not None:
+            candidates = candidates & (self.counts[self.partition] < self.per_class)
+        g = int(torch.argmax(torch.where(candidates, gain, torch.full_like(gain, -1.0))))  # first maximum
+        self.available[g] = False
+        if self.partition is not None:
+            self.counts[self.partition[g]] += 1
+        return g
+
+
+def _greedy_neurons(gram, cross, lam: float, k: int, r: int, picker: _Picker, tol: float):
+    """Single-column groups. ``C_r`` is never formed: the factor ``F`` (d x s) and the whitened targets
+    ``U`` (s x m) represent it as ``C - F U``, and only the squared row norms of ``C_r`` are updated,
+    so a step reads C once (``C u``), F once and U once: O(d (s + m)) with s kept so far."""
+    d, m = cross.shape
+    dtype, device = cross.dtype, cross.device
+    tiny = torch.finfo(dtype).tiny
+    resid = gram.diagonal() + lam  # residual variances G_r[j, j]
+    own = resid.clamp_min(tiny)
+    resid = resid.clone()
+    norms = cross.square().sum(1)  # ||C_r[j]||^2
+    factor = torch.zeros(d, k, dtype=dtype, device=device)
+    whitened = torch.zeros(k, m, dtype=dtype, device=device)
+    kept, gains, dependent, s = [], torch.zeros(k, dtype=dtype), 0, 0
+    for step in range(k):
+        live = resid > tol * own
+        gain = torch.where(live, norms.clamp_min(0) / resid.clamp_min(tiny), torch.zeros_like(norms))
+        j = picker.pick(gain)
+        kept.append(j)
+        if not bool(live[j]):
+            dependent += 1  # in the span of the kept columns (or dead): contributes nothing
+            continue
+        pivot = resid[j].sqrt()
+        f_j = factor[j, :s]
+        u = (cross[j] - f_j @ whitened[:s]) / pivot
+        both = factor[:, :s] @ torch.stack([f_j, whitened[:s] @ u], 1)  # one pass over F for v and C_r u
+        q = (gram[j] - both[:, 0]) / pivot
+        q[j] += lam / pivot
+        c_r_u = cross @ u - both[:, 1]
+        u_sq = u.dot(u)
+        norms += q * (q * u_sq - 2 * c_r_u)
+        resid -= q.square()
+        factor[:, s], whitened[s] = q, u
+        gains[step] = u_sq.cpu()
+        s += 1
+    return kept, gains, dependent
+
+
+def _greedy_groups(gram, cross, lam: float, k: int, r: int, picker: _Picker, tol: float):
+    """Groups of r columns (heads): keeps ``C_r`` and the residual diagonal blocks, updated by rank-r
+    products; a group's gain needs its block's Cholesky factor (batched over groups)."""
+    d, m = cross.shape
+    dtype, device = cross.dtype, cross.device
+    ng = d // r
+    c_r = cross.clone()
+    blocks = gram.view(ng, r, ng, r).diagonal(dim1=0, dim2=2).permute(2, 0, 1).clone()  # ng x r x r
+    eye_r = torch.eye(r, dtype=dtype, device=device)
+    blocks += lam * eye_r
+    own = blocks.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(dtype).tiny)
+    factor = torch.zeros(d, k * r, dtype=dtype, device=device)
+    kept, gains, dependent, used = [], torch.zeros(k, dtype=dtype), 0, 0
+    for step in range(k):
+        live = blocks.diagonal(dim1=-2, dim2=-1).sum(-1) > tol * own
+        # Picked and dependent blocks are masked; factor identities there instead.
+        chol = _jittered_cholesky(torch.where((live & picker.available)[:, None, None], blocks, eye_r))
+        gain = torch.linalg.solve_triangular(chol, c_r.view(ng, r, m), upper=False).square().sum((-2, -1))
+        g = picker.pick(torch.where(live, gain, torch.zeros_like(gain)))
+        kept.append(g)
+        if not bool(live[g]):
+            dependent += 1
+            continue
+        gains[step] = gain[g].cpu()
+        rows = slice(g * r, (g + 1) * r)
+        # New factor columns: the group's residual gram columns, whitened by its block's Cholesky factor.
+        v = gram[rows].T.clone()  # d x r (rows of a symmetric matrix: contiguous reads)
+        v[rows] += lam * eye_r
+        v -= factor[:, :used] @ factor[rows, :used].T
+        l_g = _jittered_cholesky(blocks[g])
+        q = torch.linalg.solve_triangular(l_g, v.T, upper=False).T  # q q^T = the projected gram
+        u = torch.linalg.solve_triangular(l_g, c_r[rows], upper=False)  # r x m
+        factor[:, used : used + r] = q
+        used += r
+        c_r.addmm_(q, u, alpha=-1)
+        qg = q.reshape(ng, r, r)
+        blocks -= qg @ qg.transpose(-1, -2)
+    return kept, gains, dependent
+
+
 @torch.no_grad()
 def greedy_select(
     stats: SiteStatistics,
@@ -395,58 +493,12 @@ def greedy_select(
 
     # Work in group-contiguous order: row p of every state tensor is column order[p].
     order = cols.flatten()
-    gram_p = gram.index_select(0, order).index_select(1, order)  # d' x d', d' = grouped columns
-    c_r = cross.index_select(0, order).clone()  # residual cross term (d' x m)
-    dp = order.numel()
-    blocks = gram_p.view(ng, r, ng, r).diagonal(dim1=0, dim2=2).permute(2, 0, 1).clone()  # ng x r x r
-    eye_r = torch.eye(r, dtype=dtype, device=device)
-    blocks += lam * eye_r
-    own_var = blocks.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(dtype).tiny)
-    tol = _dependence_tol(dtype)
-    factor = torch.zeros(dp, k * r, dtype=dtype, device=device)
-
-    available = torch.ones(ng, dtype=torch.bool, device=device)
-    counts = torch.zeros(int(partition.max()) + 1, dtype=torch.long, device=device) if partition is not None else None
-    part = partition.to(device) if partition is not None else None
-    kept: list[int] = []
-    gains = torch.zeros(k, dtype=dtype)
-    dependent_picks = 0
-    for step in range(k):
-        resid_var = blocks.diagonal(dim1=-2, dim2=-1).sum(-1)
-        live = resid_var > tol * own_var
-        c_groups = c_r.view(ng, r, m)
-        if r == 1:
-            gain = c_groups.squeeze(1).square().sum(-1) / resid_var.clamp_min(torch.finfo(dtype).tiny)
-        else:
-            # Picked and dependent blocks are masked below; factor identities there instead.
-            safe = torch.where((live & available)[:, None, None], blocks, eye_r)
-            chol = _jittered_cholesky(safe)
-            gain = torch.linalg.solve_triangular(chol, c_groups, upper=False).square().sum((-2, -1))
-        gain = torch.where(live, gain, torch.zeros_like(gain))
-        candidates = available if part is None else available & (counts[part] < per_class)
-        gain = torch.where(candidates, gain, torch.full_like(gain, -1.0))
-        g = int(torch.argmax(gain))  # first maximum: ties go to the lowest index
-        kept.append(g)
-        available[g] = False
-        if part is not None:
-            counts[part[g]] += 1
-        rows = slice(g * r, (g + 1) * r)
-        if not bool(live[g]):
-            dependent_picks += 1
-            continue  # contributes nothing; keeping the factor unchanged keeps it well defined
-        gains[step] = gain[g].cpu()
-        # New factor columns: residual gram columns of the group, whitened by its block's Cholesky.
-        used = step * r
-        v = gram_p[rows].T.clone()  # d' x r (rows of a symmetric matrix: contiguous reads)
-        v[rows] += lam * eye_r
-        v -= factor[:, :used] @ factor[rows, :used].T
-        l_g = _jittered_cholesky(blocks[g])
-        q = torch.linalg.solve_triangular(l_g, v.T, upper=False).T  # d' x r, q q^T = projected gram
-        u = torch.linalg.solve_triangular(l_g, c_r[rows], upper=False)  # r x m
-        factor[:, used : used + r] = q
-        c_r -= q @ u
-        qg = q.view(ng, r, r)
-        blocks -= qg @ qg.transpose(-1, -2)
+    identity = bool(torch.equal(order, torch.arange(d, device=device)))
+    gram_p = gram if identity else gram.index_select(0, order).index_select(1, order)
+    cross_p = cross if identity else cross.index_select(0, order)
+    picker = _Picker(ng, partition, per_class, device)
+    run = _greedy_neurons if r == 1 else _greedy_groups
+    kept, gains, dependent_picks = run(gram_p, cross_p, lam, k, r, picker, _dependence_tol(dtype))
 
     curve = target_sq - torch.cumsum(gains, 0)
     kept_columns = layout.kept_columns(kept)

@@ -1,0 +1,176 @@
+"""End-to-end pruning of tiny random models of every supported family: prune, save, reload, compare."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from hf_subprune import PruneConfig, UnsupportedModelError, count_parameters, prune
+from hf_subprune.adapters import get_adapter
+from hf_subprune.budget import site_costs
+from hf_subprune.capture import find_blocks
+from hf_subprune.export import auto_class_for
+from hf_subprune.selection import NonFiniteStatisticsError
+
+from conftest import calibration_ids, outputs, tiny_config, tiny_model
+
+ALL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "bert", "roberta", "gpt2"]
+GQA_TYPES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def _prunable(model) -> int:
+    adapter = get_adapter(model.config)
+    _, blocks = find_blocks(model)
+    return sum(c.mlp_params + c.attention_params for c in (site_costs(adapter, model.config, b) for b in blocks))
+
+
+@pytest.mark.parametrize("model_type", ALL_TYPES)
+def test_prune_save_reload_matches(model_type, tmp_path):
+    model = tiny_model(model_type)
+    ids = calibration_ids()
+    prunable_before, total_before = _prunable(model), count_parameters(model)
+    result = prune(model, input_ids=ids, sparsity=0.3, batch_size=5, progress=False)
+
+    # The config describes the weights, in every block.
+    adapter = get_adapter(model.config)
+    _, blocks = find_blocks(model)
+    for block in blocks:
+        assert adapter.weight(block.get_submodule(adapter.mlp.consumer)).shape[1] == result.widths.mlp
+    # The parameter count lands on the budget, up to one unit of the coarsest site per block.
+    removed = total_before - count_parameters(model)
+    assert removed == result.params_before - result.params_after
+    costs = site_costs(adapter, model.config, blocks[0])
+    unit = max(costs.per_neuron, costs.per_query_head * (costs.heads // max(costs.kv_heads, 1)))
+    assert abs(removed - 0.3 * prunable_before) <= unit * len(blocks)
+
+    folder = result.save(tmp_path / "pruned")
+    assert {"model.safetensors", "config.json", "subprune_report.json", "README.md"} <= {p.name for p in folder.iterdir()}
+    reloaded = auto_class_for(model).from_pretrained(folder)
+    probe = calibration_ids(3, 10, seed=7)
+    torch.testing.assert_close(outputs(reloaded, probe), outputs(model, probe), rtol=1e-4, atol=1e-5)
+    report = json.loads((folder / "subprune_report.json").read_text())
+    assert report["parameters"]["after"] == count_parameters(reloaded)
+    assert len(report["sites"]) == len(result.sites) > 0
+
+
+@pytest.mark.parametrize("model_type", ["llama", "bert", "gpt2"])
+def test_zero_sparsity_leaves_model_unchanged(model_type):
+    model = tiny_model(model_type)
+    probe = calibration_ids(3, 10, seed=7)
+    before = outputs(model, probe)
+    result = prune(model, input_ids=calibration_ids(), sparsity=0.0, progress=False)
+    assert result.sites == [] and result.params_after == result.params_before
+    torch.testing.assert_close(outputs(model, probe), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2", "bert"])
+def test_refit_never_worse_than_original_columns(model_type):
+    model = tiny_model(model_type)
+    result = prune(model, input_ids=calibration_ids(24, 16), sparsity=0.4, progress=False, damping=1e-6)
+    for site in result.sites:
+        assert site.error <= site.error_original_columns * (1 + 1e-6) + 1e-9, site.name
+
+
+@pytest.mark.parametrize("mode", ["query_quota", "kv_group"])
+def test_grouped_query_modes_give_valid_configs(mode, tmp_path):
+    model = tiny_model("llama")
+    result = prune(model, input_ids=calibration_ids(), attention_sparsity=0.5, mlp_sparsity=0.0,
+                   attention_mode=mode, progress=False)
+    cfg = model.config
+    assert cfg.num_attention_heads % cfg.num_key_value_heads == 0
+    assert cfg.hidden_size % cfg.num_attention_heads == 0
+    if mode == "kv_group":
+        assert cfg.num_key_value_heads == 1 and cfg.num_attention_heads == 3
+    else:
+        assert cfg.num_key_value_heads == 2 and cfg.num_attention_heads == 2
+    assert all(s.kind == "attention" for s in result.sites)
+    folder = result.save(tmp_path / mode)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    probe = calibration_ids(2, 12, seed=3)
+    torch.testing.assert_close(outputs(reloaded, probe), outputs(model, probe), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["greedy", "random", "magnitude", "wanda-sp", "flap"])
+@pytest.mark.parametrize("refit", [True, False])
+def test_every_method_prunes_to_the_same_widths(method, refit):
+    model = tiny_model("llama")
+    result = prune(model, input_ids=calibration_ids(), sparsity=0.3, method=method, refit=refit, progress=False)
+    assert model.config.intermediate_size == result.widths.mlp < 40
+    assert all(s.groups_kept == (result.widths.mlp if s.kind == "mlp" else result.widths.heads) for s in result.sites)
+
+
+@pytest.mark.parametrize("variant", ["asymmetric", "sequential", "layerwise"])
+def test_variants_agree_on_the_first_site(variant):
+    """All variants see the same inputs at the first site, so they keep the same groups there."""
+    picks = {}
+    for v in ("asymmetric", variant):
+        model = tiny_model("llama")
+        result = prune(model, input_ids=calibration_ids(), sparsity=0.3, variant=v, progress=False)
+        picks[v] = result.sites[0].kept
+    assert picks["asymmetric"] == picks[variant]
+
+
+def test_results_do_not_depend_on_batch_size():
+    kept, weights = [], []
+    for batch_size in (1, 5, 12):
+        model = tiny_model("llama")
+        result = prune(model, input_ids=calibration_ids(), sparsity=0.3, batch_size=batch_size, progress=False)
+        kept.append([s.kept for s in result.sites])
+        weights.append(model.model.layers[1].mlp.down_proj.weight.detach().clone())
+    assert kept[0] == kept[1] == kept[2]
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weights[0], weights[2], rtol=1e-4, atol=1e-5)
+
+
+def test_nan_activations_raise_a_clear_error():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteStatisticsError, match=r"layers\.0\.mlp"):
+        prune(model, input_ids=calibration_ids(), mlp_sparsity=0.3, progress=False)
+
+
+def test_unsupported_architecture_lists_supported_types():
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.OPTConfig(hidden_size=16, ffn_dim=32, num_attention_heads=2, num_hidden_layers=1,
+                               vocab_size=64, word_embed_proj_dim=16))
+    with pytest.raises(UnsupportedModelError, match="llama.*qwen3"):
+        prune(model, input_ids=calibration_ids(vocab=64), sparsity=0.2, progress=False)
+
+
+@pytest.mark.parametrize("bad", [{"sparsity": 1.0}, {"sparsity": -0.1}, {"mlp_sparsity": 1.5}, {},
+                                 {"sparsity": 0.2, "method": "nope"}, {"sparsity": 0.2, "variant": "x"},
+                                 {"sparsity": 0.2, "unknown_key": 1}])
+def test_bad_config_is_refused(bad):
+    with pytest.raises((ValueError, TypeError)):
+        PruneConfig.from_dict(bad)
+
+
+def test_bert_attention_sparsity_is_refused_with_reason():
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match="heterogeneous export"):
+        prune(model, input_ids=calibration_ids(), attention_sparsity=0.5, progress=False)
+
+
+def test_overall_sparsity_on_encoders_applies_to_mlps_and_says_so():
+    model = tiny_model("bert")
+    result = prune(model, input_ids=calibration_ids(), sparsity=0.25, progress=False)
+    assert any("MLPs only" in note for note in result.widths.notes)
+    assert model.config.intermediate_size == 30
+
+
+def test_existing_output_folder_is_kept_unless_overwrite(tmp_path):
+    model = tiny_model("llama")
+    result = prune(model, input_ids=calibration_ids(), sparsity=0.3, progress=False)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        result.save(target)
+    assert (target / "precious.txt").read_text() == "keep me"
+    result.save(target, overwrite=True)
+    assert not (target / "precious.txt").exists() and (target / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left behind

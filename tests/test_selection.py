@@ -1,0 +1,587 @@
+"""Tests of hf_subprune.selection: greedy selection, refit and statistics (DESIGN.md s.1-3).
+
+The greedy selection works on summed statistics only; every test compares it with a slow reference that
+recomputes the least-squares error from the raw activations (``torch.linalg.lstsq``) for every candidate
+at every step. All problems are small and run in float64 on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hf_subprune.selection import (
+    GroupLayout,
+    NonFiniteStatisticsError,
+    SiteStatistics,
+    greedy_select,
+    reconstruction_error,
+    refit,
+)
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """The problems are tiny: one thread avoids BLAS/LAPACK threading overhead (100x on small lstsq)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------------
+# Problem generators
+# --------------------------------------------------------------------------------------------------
+
+
+def correlated_inputs(gen: torch.Generator, n: int, d: int, dtype=F64) -> torch.Tensor:
+    """Token activations with correlated columns, unequal scales and a non-zero mean."""
+    p = max(2, d // 4)
+    low_rank = torch.randn(n, p, generator=gen, dtype=dtype) @ torch.randn(p, d, generator=gen, dtype=dtype)
+    x = 0.6 * low_rank + torch.randn(n, d, generator=gen, dtype=dtype)
+    scales = torch.exp(0.5 * torch.randn(d, generator=gen, dtype=dtype))
+    offset = torch.randn(d, generator=gen, dtype=dtype)
+    return x * scales + offset
+
+
+def asymmetric_problem(seed: int, n: int, d: int, m: int, *, noise: float = 0.3):
+    """Targets ``y = A W^T`` from the original stream A, inputs ``b`` from a perturbed stream ``B = A + noise``.
+
+    Returns ``(B, Y, W, stats)``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    a = correlated_inputs(gen, n, d)
+    w = torch.randn(m, d, generator=gen, dtype=F64) / math.sqrt(d)
+    y = a @ w.T
+    b = a + noise * torch.randn(n, d, generator=gen, dtype=F64)
+    return b, y, w, SiteStatistics.from_activations(b, y)
+
+
+def contiguous_groups(d: int, r: int) -> torch.Tensor:
+    return torch.arange(d).view(-1, r)
+
+
+# --------------------------------------------------------------------------------------------------
+# Slow references, straight from the definition E(S) = min_{W', c} sum_t ||y_t - W' b_{t,S} - c||^2
+# --------------------------------------------------------------------------------------------------
+
+
+def ridge_lambda(b: torch.Tensor, damping: float, bias_shift: bool) -> float:
+    """``damping * mean(diag G)`` over all the site's columns, G centred when there is an intercept."""
+    bc = b - b.mean(0) if bias_shift else b
+    return damping * float(bc.square().sum(0).mean())
+
+
+def lstsq_fit(b: torch.Tensor, y: torch.Tensor, cols: torch.Tensor, *, bias_shift: bool, lam: float = 0.0):
+    """Least squares (ridge when ``lam > 0``, intercept unpenalised) on the raw activations.
+
+    Returns ``(weight m x |S|, intercept m, objective)``; the objective includes the ridge penalty.
+    """
+    n, m = y.shape
+    x = b[:, cols]
+    s = x.shape[1]
+    if bias_shift:
+        x = torch.cat([x, torch.ones(n, 1, dtype=b.dtype)], 1)
+    rhs = y
+    if lam > 0 and s > 0:
+        pen = torch.zeros(s, x.shape[1], dtype=b.dtype)
+        pen[:, :s] = math.sqrt(lam) * torch.eye(s, dtype=b.dtype)
+        x = torch.cat([x, pen], 0)
+        rhs = torch.cat([y, torch.zeros(s, m, dtype=b.dtype)], 0)
+    if x.shape[1] == 0:
+        return y.new_zeros(m, 0), y.new_zeros(m), float(y.square().sum())
+    sol = torch.linalg.lstsq(x, rhs, driver="gelsd").solution
+    objective = float((rhs - x @ sol).square().sum())
+    weight = sol[:s].T
+    intercept = sol[s] if bias_shift else y.new_zeros(m)
+    return weight, intercept, objective
+
+
+def reference_greedy(
+    b, y, k, columns, *, bias_shift, lam=0.0, partition=None, per_class=None
+) -> tuple[list[int], torch.Tensor]:
+    """Greedy forward selection that re-solves every candidate from scratch; ties go to the lowest index."""
+    ng = columns.shape[0]
+    kept: list[int] = []
+    curve = []
+    for _ in range(k):
+        best, best_err = None, math.inf
+        for g in range(ng):
+            if g in kept:
+                continue
+            if partition is not None and sum(int(partition[h]) == int(partition[g]) for h in kept) >= per_class:
+                continue
+            cols = columns[kept + [g]].flatten().sort().values
+            err = lstsq_fit(b, y, cols, bias_shift=bias_shift, lam=lam)[2]
+            if err < best_err:
+                best, best_err = g, err
+        kept.append(best)
+        curve.append(best_err)
+    return kept, torch.tensor(curve, dtype=F64)
+
+
+def assert_curve_close(curve: torch.Tensor, ref: torch.Tensor, target_sq: float, rtol: float = 1e-6):
+    torch.testing.assert_close(curve.to(F64), ref, rtol=rtol, atol=1e-9 * target_sq)
+
+
+# --------------------------------------------------------------------------------------------------
+# Greedy against the reference
+# --------------------------------------------------------------------------------------------------
+
+# (group size, d, k): small enough for the O(k * groups) reference solves.
+SHAPES = [(1, 20, 12), (8, 64, 5)]
+
+
+@pytest.mark.parametrize("bias_shift", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("r,d,k", SHAPES)
+def test_greedy_equals_reference_undamped_asymmetric(r, d, k, seed, bias_shift):
+    b, y, _, stats = asymmetric_problem(seed, n=300, d=d, m=7)
+    sel = greedy_select(stats, k, group_size=r, damping=0.0, bias_shift=bias_shift)
+    ref_kept, ref_curve = reference_greedy(b, y, k, contiguous_groups(d, r), bias_shift=bias_shift)
+    assert sel.kept == ref_kept
+    assert_curve_close(sel.curve, ref_curve, float(stats.target_sq))
+
+
+@pytest.mark.parametrize("bias_shift", [True, False])
+@pytest.mark.parametrize("damping", [1e-3, 5e-2])
+@pytest.mark.parametrize("r,d,k", SHAPES)
+def test_greedy_equals_ridge_reference_damped(r, d, k, damping, bias_shift):
+    b, y, _, stats = asymmetric_problem(7, n=300, d=d, m=7)
+    lam = ridge_lambda(b, damping, bias_shift)
+    sel = greedy_select(stats, k, group_size=r, damping=damping, bias_shift=bias_shift)
+    assert sel.diagnostics["damping"] == pytest.approx(lam, rel=1e-10)
+    ref_kept, ref_curve = reference_greedy(b, y, k, contiguous_groups(d, r), bias_shift=bias_shift, lam=lam)
+    assert sel.kept == ref_kept
+    assert_curve_close(sel.curve, ref_curve, float(stats.target_sq))
+    # The returned weights are the ridge solution for the kept columns.
+    w_ref, c_ref, obj_ref = lstsq_fit(b, y, sel.kept_columns, bias_shift=bias_shift, lam=lam)
+    torch.testing.assert_close(sel.weight, w_ref, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(sel.bias_shift, c_ref, rtol=1e-7, atol=1e-9)
+    assert sel.error == pytest.approx(obj_ref, rel=1e-7)
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-3])
+@pytest.mark.parametrize("r", [1, 4, 8])
+def test_explicit_groups_equal_permuted_contiguous_problem(r, damping):
+    d, m, k = 48, 6, 24 // r + 1
+    b, y, _, stats = asymmetric_problem(3, n=250, d=d, m=m)
+    perm = torch.randperm(d, generator=torch.Generator().manual_seed(11))
+    groups = perm.view(-1, r)  # non-contiguous index sets
+    explicit = greedy_select(stats, k, groups=groups, damping=damping)
+    permuted = greedy_select(SiteStatistics.from_activations(b[:, perm], y), k, group_size=r, damping=damping)
+
+    assert explicit.kept == permuted.kept
+    assert_curve_close(explicit.curve, permuted.curve, float(stats.target_sq), rtol=1e-9)
+    # Same columns (permuted-problem column p is original column perm[p]) and the same weights.
+    assert torch.equal(explicit.kept_columns, perm[permuted.kept_columns].sort().values)
+    assert torch.equal(explicit.kept_columns, groups[explicit.kept].flatten().sort().values)
+    full_explicit = torch.zeros(m, d, dtype=F64)
+    full_explicit[:, explicit.kept_columns] = explicit.weight
+    full_permuted = torch.zeros(m, d, dtype=F64)
+    full_permuted[:, perm[permuted.kept_columns]] = permuted.weight
+    torch.testing.assert_close(full_explicit, full_permuted, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(explicit.bias_shift, permuted.bias_shift, rtol=1e-8, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------
+# Refit and Selection fields
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias_shift", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_refit_equals_lstsq(seed, bias_shift):
+    d = 30
+    b, y, _, stats = asymmetric_problem(seed, n=200, d=d, m=9)
+    gen = torch.Generator().manual_seed(100 + seed)
+    cols = torch.randperm(d, generator=gen)[:13]  # unsorted on purpose
+    weight, shift, error, _ = refit(stats, cols, damping=0.0, bias_shift=bias_shift)
+    w_ref, c_ref, err_ref = lstsq_fit(b, y, cols.sort().values, bias_shift=bias_shift)
+    assert weight.shape == (9, 13)
+    torch.testing.assert_close(weight, w_ref, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(shift, c_ref, rtol=1e-8, atol=1e-10)
+    assert error == pytest.approx(err_ref, rel=1e-8)
+    assert reconstruction_error(stats, cols.sort().values, weight, shift) == pytest.approx(err_ref, rel=1e-8)
+    if not bias_shift:
+        assert torch.count_nonzero(shift) == 0
+
+
+def test_refit_of_no_columns_is_the_mean():
+    b, y, _, stats = asymmetric_problem(0, n=100, d=8, m=4)
+    weight, shift, error, _ = refit(stats, [], damping=0.0)
+    assert weight.shape == (4, 0)
+    torch.testing.assert_close(shift, y.mean(0))
+    assert error == pytest.approx(float((y - y.mean(0)).square().sum()), rel=1e-9)
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_selection_fields(r):
+    d, m, k = 32, 5, 16 // r + 1
+    b, y, _, stats = asymmetric_problem(4, n=200, d=d, m=m)
+    groups = torch.randperm(d, generator=torch.Generator().manual_seed(5)).view(-1, r)
+    sel = greedy_select(stats, k, groups=groups, damping=0.0)
+
+    assert len(sel.kept) == k and len(set(sel.kept)) == k
+    expected_cols = groups[sel.kept].flatten().sort().values
+    assert torch.equal(sel.kept_columns, expected_cols)
+    assert bool((sel.kept_columns[1:] > sel.kept_columns[:-1]).all())  # strictly ascending
+    assert sel.weight.shape == (m, k * r)
+    # Weight columns follow kept_columns (ascending), and the bias shift is the least-squares intercept.
+    w_ref, c_ref, err_ref = lstsq_fit(b, y, expected_cols, bias_shift=True)
+    torch.testing.assert_close(sel.weight, w_ref, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(sel.bias_shift, c_ref, rtol=1e-8, atol=1e-10)
+    assert sel.curve.shape == (k,)
+    assert sel.error == pytest.approx(float(sel.curve[-1]), rel=1e-9)
+    assert sel.error == pytest.approx(err_ref, rel=1e-8)
+    assert sel.target_sq == pytest.approx(float(y.square().sum()))
+    torch.testing.assert_close(sel.relative_curve, sel.curve / sel.target_sq)
+    assert sel.diagnostics["rank"] == k and sel.diagnostics["dependent_picks"] == 0
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-3, 1e-1])
+@pytest.mark.parametrize("r", [1, 8])
+def test_curve_non_increasing_and_ends_at_error(r, damping):
+    d = 64
+    _, _, _, stats = asymmetric_problem(2, n=300, d=d, m=10)
+    k = d // r
+    sel = greedy_select(stats, k, group_size=r, damping=damping)
+    scale = float(stats.target_sq)
+    assert bool((sel.curve[1:] <= sel.curve[:-1] + 1e-10 * scale).all())
+    assert float(sel.curve[-1]) == pytest.approx(sel.error, rel=1e-8, abs=1e-10 * scale)
+    # The first step already beats keeping nothing (the centred target energy).
+    centred_target = float(stats.centred()[2])
+    assert float(sel.curve[0]) < centred_target
+
+
+@pytest.mark.parametrize("bias_shift", [True, False])
+@pytest.mark.parametrize("r", [1, 8])
+def test_keeping_every_group_reconstructs_exactly(r, bias_shift):
+    """With y = W b and G full rank, keeping all groups reproduces the target."""
+    d, m = 40, 12
+    gen = torch.Generator().manual_seed(9)
+    b = correlated_inputs(gen, 200, d)
+    w = torch.randn(m, d, generator=gen, dtype=F64)
+    stats = SiteStatistics.from_activations(b, b @ w.T)
+    sel = greedy_select(stats, d // r, group_size=r, damping=0.0, bias_shift=bias_shift)
+    assert sel.diagnostics["rank"] == d // r
+    assert abs(float(sel.curve[-1])) < 1e-9 * sel.target_sq
+    assert abs(sel.error) < 1e-9 * sel.target_sq
+    full = torch.zeros(m, d, dtype=F64)
+    full[:, sel.kept_columns] = sel.weight
+    torch.testing.assert_close(full, w, rtol=1e-7, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def assert_stats_close(a: SiteStatistics, b: SiteStatistics, **tol):
+    for ta, tb in zip(a.tensors(), b.tensors()):
+        torch.testing.assert_close(ta, tb, **tol)
+
+
+def test_statistics_merge_by_add_and_iadd():
+    b, y, _, whole = asymmetric_problem(0, n=301, d=24, m=6)
+    first = SiteStatistics.from_activations(b[:120], y[:120])
+    second = SiteStatistics.from_activations(b[120:], y[120:])
+    assert_stats_close(first + second, whole, rtol=1e-12, atol=1e-9)
+
+    merged = SiteStatistics.zeros(24, 6)
+    merged += first
+    merged += second
+    assert_stats_close(merged, whole, rtol=1e-12, atol=1e-9)
+    assert float(merged.count) == 301
+
+    # Streaming updates give the same sums as one batch.
+    streamed = SiteStatistics.zeros(24, 6)
+    for lo in range(0, 301, 50):
+        streamed.update(b[lo : lo + 50], y[lo : lo + 50])
+    assert_stats_close(streamed, whole, rtol=1e-12, atol=1e-9)
+
+    sel_whole = greedy_select(whole, 10, damping=0.0)
+    sel_merged = greedy_select(merged, 10, damping=0.0)
+    assert sel_merged.kept == sel_whole.kept
+    assert_curve_close(sel_merged.curve, sel_whole.curve, float(whole.target_sq), rtol=1e-9)
+
+
+def test_statistics_to_dtype_round_trip():
+    _, _, _, stats = asymmetric_problem(1, n=100, d=16, m=4)
+    low = stats.to(dtype=torch.float32)
+    assert all(t.dtype == torch.float32 for t in low.tensors())
+    assert low.in_features == 16 and low.out_features == 4
+    back = low.to(dtype=F64)
+    assert all(t.dtype == F64 for t in back.tensors())
+    assert_stats_close(back, stats, rtol=1e-6, atol=1e-5)
+    assert_stats_close(stats.to(dtype=F64), stats, rtol=0, atol=0)
+
+
+def test_from_inputs_only_equals_statistics_of_w_b():
+    gen = torch.Generator().manual_seed(2)
+    b = correlated_inputs(gen, 150, 20)
+    w = torch.randn(7, 20, generator=gen, dtype=F64)
+    inputs_only = SiteStatistics.from_inputs_only(SiteStatistics.from_activations(b, torch.zeros(150, 1, dtype=F64)), w)
+    direct = SiteStatistics.from_activations(b, b @ w.T)
+    assert_stats_close(inputs_only, direct, rtol=1e-10, atol=1e-8)
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_float32_statistics_select_like_float64(r):
+    """Well-conditioned (independent inputs, clearly different column importances): same picks in fp32."""
+    d, m, n = 64, 16, 2000
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randn(n, d, generator=gen, dtype=F64) + 0.5
+    importance = torch.linspace(0.5, 3.0, d, dtype=F64)[torch.randperm(d, generator=gen)]
+    w = torch.randn(m, d, generator=gen, dtype=F64) * importance
+    y = b @ w.T + 0.1 * torch.randn(n, m, generator=gen, dtype=F64)
+    stats64 = SiteStatistics.from_activations(b, y)
+    stats32 = SiteStatistics.from_activations(b, y, dtype=torch.float32)
+    k = d // r // 2
+    sel64 = greedy_select(stats64, k, group_size=r)
+    for stats, kwargs in [(stats32, {}), (stats64, {"dtype": torch.float32})]:
+        sel32 = greedy_select(stats, k, group_size=r, **kwargs)
+        assert sel32.kept == sel64.kept
+        assert sel32.weight.dtype == torch.float32
+        torch.testing.assert_close(sel32.curve.double(), sel64.curve, rtol=1e-4, atol=1e-5 * sel64.target_sq)
+        torch.testing.assert_close(sel32.weight.double(), sel64.weight, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(sel32.bias_shift.double(), sel64.bias_shift, rtol=1e-3, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Degenerate inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def degenerate_problem(kind: str, d: int = 32, m: int = 6):
+    gen = torch.Generator().manual_seed(21)
+    n = 12 if kind == "few_tokens" else 200
+    b = correlated_inputs(gen, n, d)
+    if kind == "duplicates":
+        b[:, d // 2 :] = b[:, : d // 2]  # every column twice (within and across groups of 4)
+    elif kind == "dead":
+        b[:, ::3] = 0.0
+    elif kind == "constant":
+        b[:, ::3] = 1.5  # dead once centred
+    w = torch.randn(m, d, generator=gen, dtype=F64)
+    return b, SiteStatistics.from_activations(b, b @ w.T)
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-3])
+@pytest.mark.parametrize("r", [1, 4])
+@pytest.mark.parametrize("kind", ["few_tokens", "duplicates", "dead", "constant"])
+def test_degenerate_inputs_stay_finite(kind, r, damping):
+    _, stats = degenerate_problem(kind)
+    ng = 32 // r
+    for k in (ng // 2, ng - 1, ng):
+        sel = greedy_select(stats, k, group_size=r, damping=damping)
+        assert len(sel.kept) == k and len(set(sel.kept)) == k
+        assert sel.weight.shape == (6, k * r)
+        for t in (sel.weight, sel.bias_shift, sel.curve):
+            assert bool(torch.isfinite(t).all())
+        assert math.isfinite(sel.error)
+        # Still a fit: never (meaningfully) worse than keeping nothing.
+        assert float(sel.curve[-1]) <= float(stats.centred()[2]) * (1 + 1e-9)
+        assert float(sel.curve.min()) >= -1e-8 * sel.target_sq
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-3])
+def test_duplicate_of_kept_column_has_no_gain(damping):
+    """Column 5 duplicates the most useful column 0: once 0 is kept, every independent column goes first."""
+    n, d, m = 400, 8, 5
+    gen = torch.Generator().manual_seed(3)
+    b = torch.randn(n, d, generator=gen, dtype=F64)
+    b[:, 5] = b[:, 0]
+    w = torch.randn(m, d, generator=gen, dtype=F64)
+    w[:, 0] *= 10  # column 0 (= column 5) is by far the most useful
+    w[:, 5] = 0.0
+    stats = SiteStatistics.from_activations(b, b @ w.T)
+    sel = greedy_select(stats, d, damping=damping)
+    # 0 and 5 tie up to rounding in the first step; whichever comes second has no gain left.
+    assert sorted([sel.kept[0], sel.kept[-1]]) == [0, 5]
+    if damping == 0.0:
+        assert sel.diagnostics["dependent_picks"] == 1
+        assert sel.diagnostics["rank"] == d - 1
+        # The duplicate adds nothing to the fit.
+        assert float(sel.curve[-1]) == pytest.approx(float(sel.curve[-2]), abs=1e-9 * sel.target_sq)
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-3])
+@pytest.mark.parametrize("r", [1, 2])
+def test_dead_neurons_reported_as_dependent_picks(r, damping):
+    """Forced to keep dead (all-zero) groups, the greedy keeps them last and says so in the diagnostics.
+
+    The default damping (1e-3) must not hide them: a dead group spans nothing whatever the ridge.
+    """
+    n, d, m = 300, 16, 5
+    gen = torch.Generator().manual_seed(4)
+    b = torch.randn(n, d, generator=gen, dtype=F64)
+    dead_groups = [1, 4, 6] if r == 2 else [0, 3, 9, 10, 15]
+    for g in dead_groups:
+        b[:, g * r : (g + 1) * r] = 0.0
+    w = torch.randn(m, d, generator=gen, dtype=F64)
+    stats = SiteStatistics.from_activations(b, b @ w.T)
+    ng = d // r
+    live = ng - len(dead_groups)
+    sel = greedy_select(stats, ng, group_size=r, damping=damping)
+    assert sorted(sel.kept[live:]) == dead_groups  # dead ones last
+    assert bool(torch.isfinite(sel.weight).all())
+    assert sel.diagnostics["dependent_picks"] == len(dead_groups)
+    assert sel.diagnostics["rank"] == live
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value", [("gram", math.nan), ("cross", math.inf), ("target_sq", math.nan)])
+def test_non_finite_statistics_raise_with_site_name(field, value):
+    _, _, _, stats = asymmetric_problem(0, n=50, d=8, m=3)
+    t = getattr(stats, field)
+    t.view(-1)[0] = value
+    site = "model.layers.7.mlp.down_proj"
+    with pytest.raises(NonFiniteStatisticsError, match=site.replace(".", r"\.")):
+        greedy_select(stats, 3, site=site)
+    with pytest.raises(NonFiniteStatisticsError, match=site.replace(".", r"\.")):
+        refit(stats, [0, 1], site=site)
+    assert issubclass(NonFiniteStatisticsError, ValueError)
+
+
+@pytest.mark.parametrize("k", [-1, 9, 100])
+def test_invalid_k_raises(k):
+    _, _, _, stats = asymmetric_problem(0, n=50, d=16, m=3)
+    with pytest.raises(ValueError):
+        greedy_select(stats, k, group_size=2)  # 8 groups
+
+
+def test_k_none_without_quota_raises():
+    _, _, _, stats = asymmetric_problem(0, n=50, d=16, m=3)
+    with pytest.raises(ValueError):
+        greedy_select(stats, None)
+
+
+@pytest.mark.parametrize("r", [3, 5, 0])
+def test_d_not_divisible_by_group_size_raises(r):
+    _, _, _, stats = asymmetric_problem(0, n=50, d=16, m=3)
+    with pytest.raises(ValueError):
+        greedy_select(stats, 1, group_size=r)
+
+
+@pytest.mark.parametrize(
+    "groups", [[[0, 1], [1, 2]], [[0, 1], [2, 16]], [[0, 1], [2]], [[-1, 0]], []], ids=["overlap", "out_of_range", "ragged", "negative", "empty"]
+)
+def test_invalid_groups_raise(groups):
+    _, _, _, stats = asymmetric_problem(0, n=50, d=16, m=3)
+    with pytest.raises(ValueError):
+        greedy_select(stats, 1, groups=groups)
+
+
+def test_k_zero_keeps_nothing():
+    b, y, _, stats = asymmetric_problem(0, n=50, d=16, m=3)
+    sel = greedy_select(stats, 0)
+    assert sel.kept == [] and sel.kept_columns.numel() == 0 and sel.curve.numel() == 0
+    assert sel.weight.shape == (3, 0)
+    torch.testing.assert_close(sel.bias_shift, y.mean(0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Quotas (grouped-query attention)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r,d,per_class", [(1, 18, 2), (4, 48, 1), (4, 48, 2)])
+def test_quota_keeps_per_class_and_matches_reference(r, d, per_class):
+    b, y, _, stats = asymmetric_problem(6, n=300, d=d, m=6)
+    ng = d // r
+    partition = torch.arange(ng) % 3  # interleaved classes
+    k = 3 * per_class
+    sel = greedy_select(stats, k, group_size=r, partition=partition, per_class=per_class, damping=0.0)
+    assert len(sel.kept) == k
+    assert torch.bincount(partition[sel.kept], minlength=3).tolist() == [per_class] * 3
+    ref_kept, ref_curve = reference_greedy(
+        b, y, k, contiguous_groups(d, r), bias_shift=True, partition=partition, per_class=per_class
+    )
+    assert sel.kept == ref_kept
+    assert_curve_close(sel.curve, ref_curve, float(stats.target_sq))
+    # k=None takes the budget from the quota.
+    implicit = greedy_select(stats, None, group_size=r, partition=partition, per_class=per_class, damping=0.0)
+    assert implicit.kept == sel.kept
+
+
+def test_quota_binds_where_the_unconstrained_greedy_would_not_follow_it():
+    """Make class 0 hold all the useful groups: the quota still keeps per_class in every class."""
+    b, _, _, _ = asymmetric_problem(0, n=200, d=12, m=4)
+    w = torch.zeros(4, 12, dtype=F64)
+    w[:, :4] = torch.randn(4, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    stats = SiteStatistics.from_activations(b, b @ w.T)
+    partition = torch.arange(12) // 4  # class 0 = columns 0..3
+    free = greedy_select(stats, 6, damping=0.0)
+    assert sum(g < 4 for g in free.kept) == 4
+    quota = greedy_select(stats, 6, partition=partition, per_class=2, damping=0.0)
+    assert torch.bincount(partition[quota.kept], minlength=3).tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("k", [5, 7, 0])
+def test_quota_inconsistent_k_raises(k):
+    _, _, _, stats = asymmetric_problem(0, n=100, d=12, m=3)
+    with pytest.raises(ValueError):
+        greedy_select(stats, k, partition=torch.arange(12) % 3, per_class=2)
+
+
+def test_quota_errors():
+    _, _, _, stats = asymmetric_problem(0, n=100, d=12, m=3)
+    with pytest.raises(ValueError):  # partition without per_class
+        greedy_select(stats, 6, partition=torch.arange(12) % 3)
+    with pytest.raises(ValueError):  # a class smaller than the quota
+        greedy_select(stats, None, partition=torch.tensor([0] * 10 + [1] * 2), per_class=3)
+    with pytest.raises(ValueError):  # wrong length
+        greedy_select(stats, None, partition=torch.arange(6) % 3, per_class=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Determinism and ties
+# --------------------------------------------------------------------------------------------------
+
+
+def integer_problem(n: int = 256, d: int = 8, m: int = 4, seed: int = 0):
+    """Small-integer activations and weights: every sum is exact in float64, so equal groups tie exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    b = torch.randint(-3, 4, (n, d), generator=gen).to(F64)
+    w = torch.randint(-2, 3, (m, d), generator=gen).to(F64)
+    return b, w
+
+
+@pytest.mark.parametrize("bias_shift", [True, False])
+@pytest.mark.parametrize("r", [1, 4])
+def test_identical_groups_tie_to_lowest_index(r, bias_shift):
+    b, w = integer_problem(d=r)
+    ng = 6
+    b_all = b.repeat(1, ng)  # every group identical
+    stats = SiteStatistics.from_activations(b_all, b @ w.T)
+    sel = greedy_select(stats, 4, group_size=r, damping=0.0, bias_shift=bias_shift)
+    assert sel.kept == [0, 1, 2, 3]
+    assert sel.diagnostics["dependent_picks"] == 3
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-3])
+@pytest.mark.parametrize("r", [1, 4])
+def test_duplicated_best_group_picks_lower_index(r, damping):
+    b, _ = integer_problem(d=5 * r, seed=1)
+    b[:, 3 * r : 4 * r] = b[:, 1 * r : 2 * r]  # group 3 is a copy of group 1
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randint(-1, 2, (4, 5 * r), generator=gen).to(F64)
+    w[:, r : 2 * r] = 8.0  # group 1 (= group 3) dominates
+    w[:, 3 * r : 4 * r] = 8.0
+    stats = SiteStatistics.from_activations(b, b @ w.T)
+    first = greedy_select(stats, 5, group_size=r, damping=damping)
+    assert first.kept[0] == 1
+    assert first.kept[-1] == 3
+    again = greedy_select(stats, 5, group_size=r, damping=damping)
+    assert again.kept == first.kept
+    assert torch.equal(again.curve, first.curve)
+    assert torch.equal(again.weight, first.weight)
