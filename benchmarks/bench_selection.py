@@ -128,6 +128,7 @@ def environment(device: str) -> dict:
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if device == "cuda":
@@ -140,7 +141,8 @@ def markdown(rows: list[dict], env: dict) -> str:
     lines = [
         "# greedy_select speed",
         "",
-        f"torch {env['torch']}, {env.get('gpu') or env['cpu']}, {env['threads']} CPU threads, {env['date']}.",
+        f"torch {env['torch']}, {env.get('gpu') or env['cpu']}, {env['threads']} CPU threads "
+        f"({env['cpu_count']} CPUs, load average {env['load_average_1_5_15min'][0]} at the end), {env['date']}.",
         "Time of `greedy_select` (greedy steps + refit), float32, median over repeats.",
         "",
         "| case | d | m | k | group_size | device | dtype | seconds | target | pass/fail |",

@@ -104,7 +104,7 @@ def _prune(args) -> int:
     config = PruneConfig.from_file(args.recipe, **overrides) if args.recipe else PruneConfig(**overrides)
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        raise SystemExit(f"error: {output} exists and is not empty; choose another --output or pass --overwrite")
+        raise FileExistsError(f"{output} exists and is not empty; choose another --output or pass --overwrite")
     accelerator = _distributed(config.device)
     if accelerator is not None and config.device is None:
         config = PruneConfig.from_dict({**config.to_dict(), "device": str(accelerator.device)})

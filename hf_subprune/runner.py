@@ -77,10 +77,20 @@ def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original:
     d = weight.shape[1]
     if variant == "asymmetric":
         stats = SiteStatistics.zeros(d, weight.shape[0], device=device, dtype=dtype)
+        import os
+        resid = os.environ.get("RESID") == "1"
         for i in range(len(inputs.hidden)):
             a = _consumer_inputs(original, site.consumer, inputs, x_orig, i, device)
             b = _consumer_inputs(block, site.consumer, inputs, x_pruned, i, device)
-            stats.update(b, a.float() @ weight.T)
+            y = a.float() @ weight.T
+            if resid:
+                if site.kind == "attention":
+                    ro, rp = x_orig[i], x_pruned[i]
+                else:
+                    ro = _consumer_inputs(original, "post_attention_layernorm", inputs, x_orig, i, device)
+                    rp = _consumer_inputs(block, "post_attention_layernorm", inputs, x_pruned, i, device)
+                y = y + (ro.reshape(y.shape[0], -1) - rp.reshape(y.shape[0], -1)).float()
+            stats.update(b, y)
         _all_reduce(stats)
         return stats
     # sequential / layerwise: a = b, so the input sums are enough (C = G W^T).

@@ -375,8 +375,9 @@ def degenerate_problem(kind: str, d: int = 32, m: int = 6):
 @pytest.mark.parametrize("r", [1, 4])
 @pytest.mark.parametrize("kind", ["few_tokens", "duplicates", "dead", "constant"])
 def test_degenerate_inputs_stay_finite(kind, r, damping):
-    _, stats = degenerate_problem(kind)
+    b, stats = degenerate_problem(kind)
     ng = 32 // r
+    column_rank = int(torch.linalg.matrix_rank(b - b.mean(0)))
     for k in (ng // 2, ng - 1, ng):
         sel = greedy_select(stats, k, group_size=r, damping=damping)
         assert len(sel.kept) == k and len(set(sel.kept)) == k
@@ -387,6 +388,9 @@ def test_degenerate_inputs_stay_finite(kind, r, damping):
         # Still a fit: never (meaningfully) worse than keeping nothing.
         assert float(sel.curve[-1]) <= float(stats.centred()[2]) * (1 + 1e-9)
         assert float(sel.curve.min()) >= -1e-8 * sel.target_sq
+        assert sel.diagnostics["rank"] + sel.diagnostics["dependent_picks"] == k
+        if damping == 0.0:  # never claims more independent groups than the data has
+            assert sel.diagnostics["rank"] <= column_rank
 
 
 @pytest.mark.parametrize("damping", [0.0, 1e-3])

