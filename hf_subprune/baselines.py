@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .selection import GroupLayout, Selection, SiteStatistics, greedy_select, reconstruction_error, refit
+from .selection import GroupLayout, Selection, SiteStatistics, check_budget, greedy_select, reconstruction_error, refit
 
 __all__ = ["METHODS", "Method", "register_method", "select", "group_scores"]
 
@@ -153,10 +153,7 @@ def select(
             partition=part, per_class=per_class, site=site,
         )
     else:
-        if part is not None and k is None:
-            k = per_class * int(part.unique().numel())
-        if k is None or not 0 <= k <= layout.num_groups:
-            raise ValueError(f"k must be between 0 and {layout.num_groups}, got {k}")
+        k, part = check_budget(k, layout, part, per_class)
         kept = _top_k(spec.score(stats, weight, layout, seed), k, part, per_class)
         cols = layout.kept_columns(kept)
         result = Selection(kept, cols, None, torch.zeros(weight.shape[0]), torch.zeros(0), float(stats.target_sq))

@@ -321,7 +321,7 @@ def refit(
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_budget(k: int, layout: GroupLayout, partition, per_class) -> tuple[int, torch.Tensor | None]:
+def check_budget(k: int, layout: GroupLayout, partition, per_class) -> tuple[int, torch.Tensor | None]:
     if partition is not None:
         partition = torch.as_tensor(partition, dtype=torch.long)
         if partition.shape != (layout.num_groups,):
@@ -369,15 +369,14 @@ def _greedy_neurons(gram, cross, lam: float, k: int, r: int, picker: _Picker, to
     d, m = cross.shape
     dtype, device = cross.dtype, cross.device
     tiny = torch.finfo(dtype).tiny
-    resid = gram.diagonal() + lam  # residual variances G_r[j, j]
-    own = resid.clamp_min(tiny)
-    resid = resid.clone()
+    own = gram.diagonal().clamp_min(tiny)  # undamped: a dead column stays dead under the ridge
+    resid = gram.diagonal() + lam  # residual variances G_r[j, j] of the damped problem
     norms = cross.square().sum(1)  # ||C_r[j]||^2
     factor = torch.zeros(d, k, dtype=dtype, device=device)
     whitened = torch.zeros(k, m, dtype=dtype, device=device)
     kept, gains, dependent, s = [], torch.zeros(k, dtype=dtype), 0, 0
     for step in range(k):
-        live = resid > tol * own
+        live = resid - lam > tol * own
         gain = torch.where(live, norms.clamp_min(0) / resid.clamp_min(tiny), torch.zeros_like(norms))
         j = picker.pick(gain)
         kept.append(j)
@@ -408,13 +407,13 @@ def _greedy_groups(gram, cross, lam: float, k: int, r: int, picker: _Picker, tol
     ng = d // r
     c_r = cross.clone()
     blocks = gram.view(ng, r, ng, r).diagonal(dim1=0, dim2=2).permute(2, 0, 1).clone()  # ng x r x r
+    own = blocks.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(dtype).tiny)  # undamped
     eye_r = torch.eye(r, dtype=dtype, device=device)
     blocks += lam * eye_r
-    own = blocks.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(dtype).tiny)
     factor = torch.zeros(d, k * r, dtype=dtype, device=device)
     kept, gains, dependent, used = [], torch.zeros(k, dtype=dtype), 0, 0
     for step in range(k):
-        live = blocks.diagonal(dim1=-2, dim2=-1).sum(-1) > tol * own
+        live = blocks.diagonal(dim1=-2, dim2=-1).sum(-1) - r * lam > tol * own
         # Picked and dependent blocks are masked; factor identities there instead.
         chol = _jittered_cholesky(torch.where((live & picker.available)[:, None, None], blocks, eye_r))
         gain = torch.linalg.solve_triangular(chol, c_r.view(ng, r, m), upper=False).square().sum((-2, -1))
@@ -485,7 +484,7 @@ def greedy_select(
     stats_, gram, cross, target_sq = _problem(stats, bias_shift, dtype)
     d, m = cross.shape
     layout = GroupLayout.build(d, group_size, groups)
-    k, partition = _check_budget(k, layout, partition, per_class)
+    k, partition = check_budget(k, layout, partition, per_class)
     device = gram.device
     r, ng = layout.group_size, layout.num_groups
     cols = layout.columns.to(device)
