@@ -128,6 +128,7 @@ def select(
     bias_shift: bool = True,
     partition: Sequence[int] | torch.Tensor | None = None,
     per_class: int | None = None,
+    prior: torch.Tensor | None = None,
     seed: int = 0,
     site: str = "site",
 ) -> Selection:
@@ -138,6 +139,7 @@ def select(
             columns are returned unchanged.
         refit_weights: least-squares refit of the kept columns (with the intercept when ``bias_shift``);
             otherwise the original columns, plus the method's bias compensation if it has one.
+        prior: damp the refit towards this weight (usually ``weight`` itself) instead of towards zero.
         Other arguments as in ``greedy_select``.
 
     ``Selection.error`` is always the undamped reconstruction error of the returned weights, so that
@@ -150,7 +152,7 @@ def select(
     if spec.score is None:
         result = greedy_select(
             stats, k, group_size, groups, damping=damping, bias_shift=bias_shift,
-            partition=part, per_class=per_class, site=site,
+            partition=part, per_class=per_class, prior=prior, site=site,
         )
     else:
         k, part = check_budget(k, layout, part, per_class)
@@ -159,7 +161,7 @@ def select(
         result = Selection(kept, cols, None, torch.zeros(weight.shape[0]), torch.zeros(0), float(stats.target_sq))
         if refit_weights:
             result.weight, result.bias_shift, _, result.diagnostics = refit(
-                stats, cols, damping=damping, bias_shift=bias_shift, site=site
+                stats, cols, damping=damping, bias_shift=bias_shift, prior=prior, site=site
             )
     if not refit_weights:
         result.weight = weight[:, result.kept_columns.to(weight.device)].clone()

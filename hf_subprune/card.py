@@ -36,7 +36,8 @@ def build_card(report: dict) -> ModelCard:
     settings = [("method", cfg["method"]), ("variant", cfg["variant"]), ("refit", cfg["refit"]),
                 ("budget", cfg["budget"]), ("sparsity", cfg["sparsity"]), ("mlp sparsity", cfg["mlp_sparsity"]),
                 ("attention sparsity", cfg["attention_sparsity"]), ("attention mode", cfg["attention_mode"]),
-                ("seed", cfg["seed"])]
+                ("seed", cfg["seed"]),
+                ("calibration data", "{source} ({tokens} tokens, fingerprint `{fingerprint}`)".format(**report["calibration"]))]
     sites = report["sites"]
     return ModelCard.from_template(
         data,

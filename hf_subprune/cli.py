@@ -1,4 +1,5 @@
-"""``hf-subprune``: prune, evaluate. Also runs under ``accelerate launch`` (statistics summed over processes)."""
+"""``hf-subprune``: prune, evaluate, push to the Hub. Also runs under ``accelerate launch`` (statistics summed over
+processes)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", type=int, default=16384, help="evaluate on at most this many tokens")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the reload check after saving")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="push the saved folder to this Hub repo (created if missing; token checked before pruning)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument("--hub-revision", default=None, help="with --push-to-hub: branch to commit to (created if missing)")
+    p.add_argument("--commit-message", default=None, help="with --push-to-hub: commit message")
 
     e = sub.add_parser("eval", help="perplexity of a model folder on a text file",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -71,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     e.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+    h = sub.add_parser("push", help="upload a model folder to the Hugging Face Hub (the folder is not changed)")
+    h.add_argument("folder", help="model folder, e.g. the --output of prune")
+    h.add_argument("repo_id", help="Hub repo, e.g. user/model-pruned (created if missing)")
+    h.add_argument("--private", action="store_true", help="create the repo private (an existing one keeps its own)")
+    h.add_argument("--revision", default=None, help="branch to commit to (created from main if missing)")
+    h.add_argument("--commit-message", default=None, help="commit message")
+    h.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the one saved by `hf auth login`)")
+    h.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
     return parser
 
 
@@ -109,6 +124,12 @@ def _prune(args) -> int:
     if accelerator is not None and config.device is None:
         config = PruneConfig.from_dict({**config.to_dict(), "device": str(accelerator.device)})
     main_process = accelerator is None or accelerator.is_main_process
+    if not args.push_to_hub and (args.private or args.hub_revision or args.commit_message):
+        raise ValueError("--private, --hub-revision and --commit-message only apply with --push-to-hub REPO_ID")
+    if args.push_to_hub:
+        from .hub import check_can_push
+
+        check_can_push()  # fail before hours of pruning, not after
     model, tokenizer, base = load_model(args.model, dtype=args.dtype)
     causal = hasattr(model, "generate") and model.config.model_type not in ("bert", "roberta")
     evaluation = {}
@@ -133,6 +154,12 @@ def _prune(args) -> int:
     if accelerator is not None:
         accelerator.wait_for_everyone()
         accelerator.end_training()
+    if main_process and args.push_to_hub:  # after the barrier, so that a long upload cannot time it out
+        from .hub import push_folder
+
+        url = push_folder(path, args.push_to_hub, private=args.private, revision=args.hub_revision,
+                          commit_message=args.commit_message)
+        print(f"pushed to {url}")
     return 0
 
 
@@ -148,14 +175,23 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _push(args) -> int:
+    from .hub import push_folder
+
+    print(push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                      commit_message=args.commit_message, token=args.token, create_pr=args.create_pr))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .adapters import UnsupportedModelError
     from .calibration import CalibrationError
+    from .hub import HubError
 
     try:
-        return {"prune": _prune, "eval": _evaluate}[args.command](args)
-    except (UnsupportedModelError, CalibrationError, FileExistsError, FileNotFoundError, ValueError) as e:
+        return {"prune": _prune, "eval": _evaluate, "push": _push}[args.command](args)
+    except (UnsupportedModelError, CalibrationError, HubError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -47,7 +47,11 @@ class PruneConfig:
     bias_shift: bool = _help(
         "Fit a bias correction too (only where the consumer layer has a bias: BERT, GPT-2).", True
     )
-    damping: float = _help("Ridge damping of the least-squares solves, relative to the mean gram diagonal.", 1e-3)
+    damping: float = _help("Ridge damping of the least-squares solves, relative to the mean gram diagonal.", 1e-2)
+    damp_to_original: bool = _help(
+        "Damp the refit towards the original weights rather than towards zero: with little calibration data "
+        "the refit then corrects the kept columns instead of shrinking them.", True
+    )
     attention_mode: str = _help(
         "Grouped-query attention: query_quota keeps the same number of query heads in every kv group; "
         "kv_group removes whole kv groups (kv head and its query heads).",

@@ -77,20 +77,10 @@ def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original:
     d = weight.shape[1]
     if variant == "asymmetric":
         stats = SiteStatistics.zeros(d, weight.shape[0], device=device, dtype=dtype)
-        import os
-        resid = os.environ.get("RESID") == "1"
         for i in range(len(inputs.hidden)):
             a = _consumer_inputs(original, site.consumer, inputs, x_orig, i, device)
             b = _consumer_inputs(block, site.consumer, inputs, x_pruned, i, device)
-            y = a.float() @ weight.T
-            if resid:
-                if site.kind == "attention":
-                    ro, rp = x_orig[i], x_pruned[i]
-                else:
-                    ro = _consumer_inputs(original, "post_attention_layernorm", inputs, x_orig, i, device)
-                    rp = _consumer_inputs(block, "post_attention_layernorm", inputs, x_pruned, i, device)
-                y = y + (ro.reshape(y.shape[0], -1) - rp.reshape(y.shape[0], -1)).float()
-            stats.update(b, y)
+            stats.update(b, a.float() @ weight.T)
         _all_reduce(stats)
         return stats
     # sequential / layerwise: a = b, so the input sums are enough (C = G W^T).
@@ -111,7 +101,7 @@ def _prune_site(site: Site, adapter: Adapter, block: nn.Module, stats: SiteStati
     sel = select(
         cfg.method, stats, weight.to(stats.gram), site.keep, groups=site.groups, refit_weights=cfg.refit,
         damping=cfg.damping, bias_shift=bias_shift, partition=site.partition, per_class=site.per_class,
-        seed=cfg.seed + block_index, site=site.name,
+        prior=weight.to(stats.gram) if cfg.damp_to_original else None, seed=cfg.seed + block_index, site=site.name,
     )
     untouched = reconstruction_error(stats, sel.kept_columns, weight.to(stats.gram)[:, sel.kept_columns.to(weight.device)])
     apply_selection(block, adapter, site, sel.kept, sel.weight, sel.bias_shift if bias_shift else None)

@@ -260,13 +260,38 @@ def _jittered_cholesky(a: torch.Tensor) -> torch.Tensor:
     raise RuntimeError("could not factorise the statistics even with heavy damping; they are not PSD")
 
 
-def _problem(stats: SiteStatistics, bias_shift: bool, dtype: torch.dtype):
+@dataclass
+class _Problem:
+    """The centred (or raw) statistics in the solve dtype, with the ridge already folded in."""
+
+    stats: SiteStatistics
+    gram: torch.Tensor  # G + lambda I
+    cross: torch.Tensor  # C (+ lambda W^T with a prior)
+    target_sq: float  # s (+ lambda ||W||^2 with a prior)
+    lam: float
+    own: torch.Tensor  # undamped diagonal of G, to tell dead or dependent columns
+
+
+def _problem(stats: SiteStatistics, bias_shift: bool, dtype: torch.dtype, damping: float,
+             prior: torch.Tensor | None) -> _Problem:
+    """Centre (for the intercept) and damp the statistics.
+
+    Without ``prior`` the ridge pulls the weights towards zero. With ``prior`` (the consumer's original
+    m x d weight) it pulls them towards the original columns instead: the same as adding d pseudo-tokens
+    ``sqrt(lambda) e_j`` with targets ``sqrt(lambda) W e_j``, so greedy and refit need no change, a dropped
+    column costs ``lambda ||W_j||^2`` and, with little data, the refit stays close to the original weights
+    rather than shrinking them.
+    """
     stats = stats.to(dtype=dtype)
-    if bias_shift:
-        gram, cross, target_sq = stats.centred()
-    else:
-        gram, cross, target_sq = stats.gram, stats.cross, stats.target_sq
-    return stats, gram, cross, float(target_sq)
+    gram, cross, target_sq = stats.centred() if bias_shift else (stats.gram, stats.cross, stats.target_sq)
+    own = gram.diagonal().clone()
+    lam = _damping(gram, damping)
+    gram = gram + lam * torch.eye(gram.shape[0], dtype=dtype, device=gram.device)
+    if prior is not None and lam > 0:
+        w = prior.to(cross)
+        cross = cross + lam * w.T
+        target_sq = target_sq + lam * w.square().sum()
+    return _Problem(stats, gram, cross, float(target_sq), lam, own)
 
 
 def refit(
@@ -275,30 +300,30 @@ def refit(
     *,
     damping: float = 1e-3,
     bias_shift: bool = True,
+    prior: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
     site: str = "site",
 ) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
     """Least-squares consumer weights for a given set of kept input columns.
 
     Solves ``W'^T = (G_SS + lambda I)^{-1} C_S`` by a Cholesky factorisation (never an explicit inverse),
-    ``lambda = damping * mean(diag G)`` over all the site's columns; with ``bias_shift`` the problem is centred so that the
-    intercept ``c = mean(y) - W' mean(b_S)`` is exact.
+    ``lambda = damping * mean(diag G)`` over all the site's columns (towards ``prior`` instead of zero when
+    given, see ``_problem``); with ``bias_shift`` the problem is centred so that the intercept
+    ``c = mean(y) - W' mean(b_S)`` is exact.
 
     Returns:
         ``(weight m x |S|, bias_shift m, error, diagnostics)`` in the statistics' dtype.
     """
     stats.check_finite(site)
     dtype = dtype or stats.gram.dtype
-    stats, gram, cross, target_sq = _problem(stats, bias_shift, dtype)
-    cols = torch.as_tensor(kept_columns, dtype=torch.long, device=gram.device).sort().values
+    prob = _problem(stats, bias_shift, dtype, damping, prior)
+    stats, cross, target_sq = prob.stats, prob.cross, prob.target_sq
+    cols = torch.as_tensor(kept_columns, dtype=torch.long, device=cross.device).sort().values
     m = cross.shape[1]
     if cols.numel() == 0:
         shift = stats.target_sum / stats.count.clamp_min(1) if bias_shift else cross.new_zeros(m)
         return cross.new_zeros(m, 0), shift, target_sq, {"rank": 0}
-    lam = _damping(gram, damping)  # relative to the whole site, as in greedy_select: curves and refit agree
-    g_ss = gram[cols][:, cols]
-    g_ss = g_ss + lam * torch.eye(len(cols), dtype=dtype, device=gram.device)
-    factor = _jittered_cholesky(g_ss)
+    factor = _jittered_cholesky(prob.gram[cols][:, cols])
     c_s = cross[cols]
     w_t = torch.cholesky_solve(c_s, factor)  # |S| x m
     # Damped objective: s - 2 tr(W C) + tr(W (G + lam) W^T) = s - tr(W C) at the optimum.
@@ -310,7 +335,7 @@ def refit(
         shift = cross.new_zeros(m)
     pivots = factor.diagonal().square()
     diagnostics = {
-        "damping": lam,
+        "damping": prob.lam,
         "condition_estimate": float(pivots.max() / pivots.min().clamp_min(torch.finfo(dtype).tiny)),
     }
     return w_t.T.contiguous(), shift, error, diagnostics
@@ -362,15 +387,15 @@ class _Picker:
         return g
 
 
-def _greedy_neurons(gram, cross, lam: float, k: int, r: int, picker: _Picker, tol: float):
+def _greedy_neurons(gram, cross, lam: float, own: torch.Tensor, k: int, r: int, picker: _Picker, tol: float):
     """Single-column groups. ``C_r`` is never formed: the factor ``F`` (d x s) and the whitened targets
     ``U`` (s x m) represent it as ``C - F U``, and only the squared row norms of ``C_r`` are updated,
     so a step reads C once (``C u``), F once and U once: O(d (s + m)) with s kept so far."""
     d, m = cross.shape
     dtype, device = cross.dtype, cross.device
     tiny = torch.finfo(dtype).tiny
-    own = gram.diagonal().clamp_min(tiny)  # undamped: a dead column stays dead under the ridge
-    resid = gram.diagonal() + lam  # residual variances G_r[j, j] of the damped problem
+    own = own.clamp_min(tiny)  # undamped: a dead column stays dead under the ridge
+    resid = gram.diagonal().clone()  # residual variances G_r[j, j] of the damped problem
     norms = cross.square().sum(1)  # ||C_r[j]||^2
     factor = torch.zeros(d, k, dtype=dtype, device=device)
     whitened = torch.zeros(k, m, dtype=dtype, device=device)
@@ -388,7 +413,6 @@ def _greedy_neurons(gram, cross, lam: float, k: int, r: int, picker: _Picker, to
         u = (cross[j] - f_j @ whitened[:s]) / pivot
         both = factor[:, :s] @ torch.stack([f_j, whitened[:s] @ u], 1)  # one pass over F for v and C_r u
         q = (gram[j] - both[:, 0]) / pivot
-        q[j] += lam / pivot
         c_r_u = cross @ u - both[:, 1]
         u_sq = u.dot(u)
         norms += q * (q * u_sq - 2 * c_r_u)
@@ -399,7 +423,7 @@ def _greedy_neurons(gram, cross, lam: float, k: int, r: int, picker: _Picker, to
     return kept, gains, dependent
 
 
-def _greedy_groups(gram, cross, lam: float, k: int, r: int, picker: _Picker, tol: float):
+def _greedy_groups(gram, cross, lam: float, own: torch.Tensor, k: int, r: int, picker: _Picker, tol: float):
     """Groups of r columns (heads): keeps ``C_r`` and the residual diagonal blocks, updated by rank-r
     products; a group's gain needs its block's Cholesky factor (batched over groups)."""
     d, m = cross.shape
@@ -407,9 +431,8 @@ def _greedy_groups(gram, cross, lam: float, k: int, r: int, picker: _Picker, tol
     ng = d // r
     c_r = cross.clone()
     blocks = gram.view(ng, r, ng, r).diagonal(dim1=0, dim2=2).permute(2, 0, 1).clone()  # ng x r x r
-    own = blocks.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(dtype).tiny)  # undamped
+    own = own.view(ng, r).sum(-1).clamp_min(torch.finfo(dtype).tiny)  # undamped
     eye_r = torch.eye(r, dtype=dtype, device=device)
-    blocks += lam * eye_r
     factor = torch.zeros(d, k * r, dtype=dtype, device=device)
     kept, gains, dependent, used = [], torch.zeros(k, dtype=dtype), 0, 0
     for step in range(k):
@@ -426,7 +449,6 @@ def _greedy_groups(gram, cross, lam: float, k: int, r: int, picker: _Picker, tol
         rows = slice(g * r, (g + 1) * r)
         # New factor columns: the group's residual gram columns, whitened by its block's Cholesky factor.
         v = gram[rows].T.clone()  # d x r (rows of a symmetric matrix: contiguous reads)
-        v[rows] += lam * eye_r
         v -= factor[:, :used] @ factor[rows, :used].T
         l_g = _jittered_cholesky(blocks[g])
         q = torch.linalg.solve_triangular(l_g, v.T, upper=False).T  # q q^T = the projected gram
@@ -450,6 +472,7 @@ def greedy_select(
     bias_shift: bool = True,
     partition: Sequence[int] | torch.Tensor | None = None,
     per_class: int | None = None,
+    prior: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
     site: str = "site",
 ) -> Selection:
@@ -473,6 +496,7 @@ def greedy_select(
         group_size: columns per group when groups are contiguous blocks.
         groups: explicit index sets (all of equal size) instead of contiguous blocks.
         damping: relative ridge on the gram diagonal.
+        prior: the consumer's original weight (m x d): damp towards it instead of towards zero.
         bias_shift: fit an intercept (returned as ``bias_shift``) by centring the statistics.
         partition: class of each group (e.g. its kv head); with ``per_class`` keeps exactly that many
             groups in every class (grouped-query attention stays valid).
@@ -481,27 +505,29 @@ def greedy_select(
     """
     stats.check_finite(site)
     dtype = dtype or stats.gram.dtype
-    stats_, gram, cross, target_sq = _problem(stats, bias_shift, dtype)
+    prob = _problem(stats, bias_shift, dtype, damping, prior)
+    gram, cross, target_sq = prob.gram, prob.cross, prob.target_sq
     d, m = cross.shape
     layout = GroupLayout.build(d, group_size, groups)
     k, partition = check_budget(k, layout, partition, per_class)
     device = gram.device
     r, ng = layout.group_size, layout.num_groups
     cols = layout.columns.to(device)
-    lam = _damping(gram, damping)
 
     # Work in group-contiguous order: row p of every state tensor is column order[p].
     order = cols.flatten()
     identity = bool(torch.equal(order, torch.arange(d, device=device)))
     gram_p = gram if identity else gram.index_select(0, order).index_select(1, order)
     cross_p = cross if identity else cross.index_select(0, order)
+    own = prob.own if identity else prob.own[order]
     picker = _Picker(ng, partition, per_class, device)
     run = _greedy_neurons if r == 1 else _greedy_groups
-    kept, gains, dependent_picks = run(gram_p, cross_p, lam, k, r, picker, _dependence_tol(dtype))
+    kept, gains, dependent_picks = run(gram_p, cross_p, prob.lam, own, k, r, picker, _dependence_tol(dtype))
 
     curve = target_sq - torch.cumsum(gains, 0)
     kept_columns = layout.kept_columns(kept)
-    weight, shift, error, diag = refit(stats_, kept_columns, damping=damping, bias_shift=bias_shift, dtype=dtype, site=site)
+    weight, shift, error, diag = refit(stats, kept_columns, damping=damping, bias_shift=bias_shift, prior=prior,
+                                       dtype=dtype, site=site)
     diag.update(dependent_picks=dependent_picks, rank=len(kept) - dependent_picks)
     return Selection(
         kept=kept,
@@ -509,7 +535,7 @@ def greedy_select(
         weight=weight,
         bias_shift=shift,
         curve=curve,
-        target_sq=float(stats_.target_sq),
+        target_sq=float(prob.stats.target_sq),
         error=error,
         diagnostics=diag,
     )
