@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .budget import Widths, site_costs, uniform_widths
+from .budget import Widths, allocate, global_widths, site_costs, uniform_widths
 from .calibration import fingerprint, load_texts, shard, token_blocks
 from .capture import capture_block_inputs, find_blocks
 from .config import PruneConfig
-from .runner import SiteReport, prune_blocks
+from .runner import SiteReport, curve_pass, prune_blocks
 from .surgery import update_config
 
 __all__ = ["prune", "PruneResult", "count_parameters"]
@@ -34,7 +34,7 @@ class PruneResult:
     model: nn.Module
     tokenizer: Any
     config: PruneConfig
-    widths: Widths
+    widths: list[Widths]  # per block
     widths_before: dict
     sites: list[SiteReport]
     params_before: int
@@ -42,6 +42,7 @@ class PruneResult:
     seconds: float
     calibration: dict
     base_model: str | None = None
+    license: str | None = None
     evaluation: dict = field(default_factory=dict)
 
     def report(self) -> dict:
@@ -54,12 +55,14 @@ class PruneResult:
         return {
             "hf_subprune_version": __version__,
             "base_model": self.base_model,
+            "license": self.license,
             "model_type": self.model.config.model_type,
             "config": self.config.to_dict(),
             "auto_class": auto_class_for(self.model).__name__,
             "widths_before": self.widths_before,
-            "widths": {"mlp": self.widths.mlp, "heads": self.widths.heads, "kv_heads": self.widths.kv_heads},
-            "notes": self.widths.notes,
+            "widths": [{"mlp": w.mlp, "heads": w.heads, "kv_heads": w.kv_heads} for w in self.widths],
+            "uniform": self.uniform,
+            "notes": self.notes,
             "parameters": {"before": self.params_before, "after": self.params_after,
                            "removed_fraction": 1 - self.params_after / self.params_before},
             "calibration": self.calibration,
@@ -70,13 +73,22 @@ class PruneResult:
                          "python": platform.python_version()},
         }
 
+    @property
+    def uniform(self) -> bool:
+        """Every block has the same widths (the stock config can describe the model)."""
+        return len({(w.mlp, w.heads, w.kv_heads) for w in self.widths}) == 1
+
+    @property
+    def notes(self) -> list[str]:
+        return self.widths[0].notes if self.widths else []
+
     def summary(self) -> str:
         """A plain-text table: parameters, widths, reconstruction errors, time."""
         lines = [
             f"parameters: {self.params_before:,} -> {self.params_after:,} "
             f"({1 - self.params_after / self.params_before:.1%} removed) in {self.seconds:.1f} s",
-            f"kept widths per block: mlp {self.widths.mlp}, heads {self.widths.heads}, kv heads {self.widths.kv_heads}",
-            *[f"note: {n}" for n in self.widths.notes],
+            *self._width_lines(),
+            *[f"note: {n}" for n in self.notes],
             f"{'site':<28}{'kept':>12}{'rel.err':>10}{'no refit':>10}{'stats s':>9}{'select s':>9}",
         ]
         for s in self.sites:
@@ -86,6 +98,13 @@ class PruneResult:
         for name, value in self.evaluation.items():
             lines.append(f"{name}: {value}")
         return "\n".join(lines)
+
+    def _width_lines(self) -> list[str]:
+        if self.uniform:
+            w = self.widths[0]
+            return [f"kept widths in every block: mlp {w.mlp}, heads {w.heads}, kv heads {w.kv_heads}"]
+        return ["kept widths per block (mlp/heads/kv heads): "
+                + ", ".join(f"{i}:{w.mlp}/{w.heads}/{w.kv_heads}" for i, w in enumerate(self.widths))]
 
     def save(self, path: str | Path, *, overwrite: bool = False, check: bool = True) -> Path:
         """Write the model folder (see ``export.save_pruned``)."""
@@ -102,6 +121,22 @@ def _describe_source(calibration: Any, input_ids_given: bool) -> str:
     if isinstance(calibration, (str, Path)):
         return str(calibration)
     return type(calibration).__name__
+
+
+def _global_widths(model, adapter, inputs, config: PruneConfig, device, progress: bool) -> list[Widths]:
+    """Per-block widths from the sites' error curves on the original model (DESIGN.md s.4)."""
+    _, blocks = find_blocks(model)
+    options = curve_pass(model, adapter, inputs, config, device, progress)
+    total = sum(max(o.params) for o in options)
+    picks = allocate(options, int((1 - config.sparsity) * total))
+    costs = site_costs(adapter, model.config, blocks[0])
+    widths = global_widths(options, picks, len(blocks), Widths(costs.mlp_width, costs.heads, costs.kv_heads))
+    kept = sum(o.params[j] for o, j in zip(options, picks))
+    widths[0].notes.append(f"global budget: kept widths remove {1 - kept / total:.2%} of the prunable parameters "
+                           f"(asked {config.sparsity:.0%}), allocated from the greedy error curves")
+    if adapter.attention is None:
+        widths[0].notes.append(f"sparsity applies to the MLPs only: {adapter.notes}")
+    return widths
 
 
 def _default_device() -> torch.device:
@@ -160,7 +195,6 @@ def prune(
     device = torch.device(config.device) if config.device else _default_device()
     params_before = count_parameters(model)
     _, blocks = find_blocks(model)
-    widths = uniform_widths(adapter, model.config, blocks[0], config)
     costs = site_costs(adapter, model.config, blocks[0])
     widths_before = {"mlp": costs.mlp_width, "heads": costs.heads, "kv_heads": costs.kv_heads}
     was_training = model.training
@@ -168,10 +202,16 @@ def prune(
     try:
         inputs = capture_block_inputs(model, shard(input_ids, rank, world), config.batch_size, device,
                                       torch.device(config.offload_device))
+        if config.budget == "global":
+            widths = _global_widths(model, adapter, inputs, config, device, progress and rank == 0)
+        else:
+            uniform = uniform_widths(adapter, model.config, blocks[0], config)
+            widths = [uniform] * len(blocks)
         reports = prune_blocks(model, adapter, inputs, config, widths, device, progress=progress and rank == 0)
     finally:
         model.train(was_training)
-    update_config(model.config, adapter, widths)
+    if len({(w.mlp, w.heads, w.kv_heads) for w in widths}) == 1:
+        update_config(model.config, adapter, widths[0])
     return PruneResult(
         model=model, tokenizer=tokenizer, config=config, widths=widths, widths_before=widths_before, sites=reports,
         params_before=params_before, params_after=count_parameters(model), seconds=time.perf_counter() - start,

@@ -65,7 +65,7 @@ def site_costs(adapter: Adapter, config, block: nn.Module) -> SiteCosts:
     return SiteCosts(width, per_neuron, adapter.heads(config), adapter.kv_heads(config), per_q, per_kv)
 
 
-def _head_options(adapter: Adapter, config, mode: str) -> list[tuple[int, int]]:
+def head_options(adapter: Adapter, config, mode: str) -> list[tuple[int, int]]:
     """(heads, kv_heads) pairs a stock config accepts: even per kv group, hidden size divisible by heads."""
     heads, kv_heads = adapter.heads(config), adapter.kv_heads(config)
     per_kv = heads // kv_heads
@@ -97,7 +97,7 @@ def uniform_widths(adapter: Adapter, config, block: nn.Module, prune: PruneConfi
     else:
         att_frac = prune.sparsity if att_frac is None else att_frac
         if att_frac:
-            options = _head_options(adapter, config, prune.attention_mode)
+            options = head_options(adapter, config, prune.attention_mode)
             target = costs.attention_params * (1 - att_frac)
             heads, kv_heads = min(options, key=lambda o: (abs(o[0] * costs.per_query_head + o[1] * costs.per_kv_head - target), -o[0]))
             if heads != round(costs.heads * (1 - att_frac)):
@@ -120,4 +120,80 @@ def uniform_widths(adapter: Adapter, config, block: nn.Module, prune: PruneConfi
     if prune.sparsity:
         got = 1 - costs.params(widths) / (costs.mlp_params + costs.attention_params)
         notes.append(f"kept widths remove {got:.2%} of the prunable parameters (asked {prune.sparsity:.0%})")
+    return widths
+
+
+# --------------------------------------------------------------------------------------------------
+# Global (label-free) budgets
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteOptions:
+    """The widths one site may take, with the parameters each keeps and the relative error it costs
+    (read off the site's greedy error curve on the original model's statistics)."""
+
+    block: int
+    kind: str  # "mlp" or "attention"
+    widths: tuple[tuple[int, int] | int, ...]  # MLP: neurons; attention: (heads, kv_heads)
+    params: tuple[int, ...]
+    errors: tuple[float, ...]
+
+
+def allocate(options: list[SiteOptions], budget: int) -> list[int]:
+    """Pick one option per site, minimising the summed relative error with at most ``budget`` parameters.
+
+    A Lagrangian relaxation (each site minimises ``error + lam * params``, ``lam`` found by bisection) gives
+    a point on the lower convex hull of every curve; the slack left under the budget is then spent greedily
+    on the upgrades with the best error reduction per parameter. Returns the chosen option index per site.
+    """
+    if sum(min(o.params) for o in options) > budget:
+        raise ValueError("the parameter budget is below the minimum widths: lower the sparsity or the minimum width")
+
+    def choose(lam: float) -> list[int]:
+        return [min(range(len(o.params)), key=lambda j: (o.errors[j] + lam * o.params[j], -o.params[j])) for o in options]
+
+    def cost(pick: list[int]) -> int:
+        return sum(o.params[j] for o, j in zip(options, pick))
+
+    lo, hi = 0.0, 1.0
+    while cost(choose(hi)) > budget:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(choose(mid)) > budget else (lo, mid)
+    pick = choose(hi)
+    while True:  # spend the slack: best error reduction per extra parameter that still fits
+        slack = budget - cost(pick)
+        best, best_rate = None, 0.0
+        for s, (o, j) in enumerate(zip(options, pick)):
+            for j2 in range(len(o.params)):
+                extra = o.params[j2] - o.params[j]
+                if 0 < extra <= slack and o.errors[j2] < o.errors[j]:
+                    rate = (o.errors[j] - o.errors[j2]) / extra
+                    if rate > best_rate:
+                        best, best_rate = (s, j2), rate
+        if best is None:
+            return pick
+        pick[best[0]] = best[1]
+
+
+def mlp_options(curve_errors: list[float], target: float, width: int, per_neuron: int, multiple: int,
+                min_width: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
+    """MLP widths on the rounding grid, from the full greedy curve (error after keeping k neurons)."""
+    widths = [w for w in range(multiple, width + 1, multiple) if w >= min_width] or [width]
+    if widths[-1] != width:
+        widths.append(width)
+    errors = [(curve_errors[w - 1] if w < width else 0.0) / max(target, 1e-30) for w in widths]
+    return tuple(widths), tuple(w * per_neuron for w in widths), tuple(errors)
+
+
+def global_widths(options: list[SiteOptions], picks: list[int], num_blocks: int, full: Widths) -> list[Widths]:
+    """Per-block widths from the chosen options (sites without options stay at full width)."""
+    widths = [Widths(full.mlp, full.heads, full.kv_heads) for _ in range(num_blocks)]
+    for option, j in zip(options, picks):
+        if option.kind == "mlp":
+            widths[option.block].mlp = option.widths[j]
+        else:
+            widths[option.block].heads, widths[option.block].kv_heads = option.widths[j]
     return widths

@@ -1,64 +1,167 @@
-"""The model card (README.md) of a pruned folder, built from ``subprune_report.json`` alone."""
+"""The model card (README.md) and its plots, built from ``subprune_report.json`` alone, so that a card
+can be regenerated from a folder (``hf-subprune card DIR``)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-__all__ = ["build_card", "write_card"]
+__all__ = ["build_card", "write_card", "write_plots", "regenerate"]
 
 TEMPLATE = Path(__file__).parent / "model_cards" / "pruned_model.md"
+REPORT_FILE = "subprune_report.json"
 PIPELINE_TAGS = {"llama": "text-generation", "mistral": "text-generation", "qwen2": "text-generation",
                  "qwen3": "text-generation", "gpt2": "text-generation", "bert": "feature-extraction",
                  "roberta": "feature-extraction"}
+LOCAL_CALIBRATION = {"wikitext": "wikitext", "sst2": "glue"}
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
 
 
 def _evaluation_rows(evaluation: dict) -> list[dict]:
+    return [{"name": name, "before": _fmt(v["before"]), "after": _fmt(v["after"])}
+            for name, v in evaluation.items() if isinstance(v, dict) and "before" in v]
+
+
+def _layer_rows(report: dict) -> list[dict]:
+    errors: dict[tuple[int, str], float] = {(s["block"], s["kind"]): s["relative_error"] for s in report["sites"]}
     rows = []
-    for name, values in evaluation.items():
-        if isinstance(values, dict) and "before" in values:
-            fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-            rows.append({"name": name, "before": fmt(values["before"]), "after": fmt(values["after"])})
+    for i, w in enumerate(report["widths"]):
+        rows.append({"layer": i, "mlp": w["mlp"], "heads": w["heads"] or "-", "kv_heads": w["kv_heads"] or "-",
+                     "mlp_error": _fmt(errors[(i, "mlp")]) if (i, "mlp") in errors else "-",
+                     "attention_error": _fmt(errors[(i, "attention")]) if (i, "attention") in errors else "-"})
     return rows
 
 
-def build_card(report: dict) -> ModelCard:
+def _datasets(report: dict) -> list[str] | None:
+    source = str(report["calibration"].get("source", ""))
+    return [v for k, v in LOCAL_CALIBRATION.items() if k in source.lower()] or None
+
+
+def write_plots(folder: Path, report: dict) -> list[dict]:
+    """Kept width per layer for each site type, and the greedy error curves, as PNGs next to the card."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional: the card says what it has
+        return []
+    widths, before = report["widths"], report["widths_before"]
+    kinds = [("mlp", "MLP neurons")] + ([("heads", "attention heads")] if before.get("heads") else [])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.2), squeeze=False)
+    for ax, (key, label) in zip(axes[0], kinds):
+        ax.bar(range(len(widths)), [w[key] for w in widths], color="tab:blue")
+        ax.axhline(before[key], color="gray", linestyle="--", label="base")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(f"kept {label}")
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(folder / "kept_widths.png", dpi=100)
+    plt.close(fig)
+    plots = [{"title": "kept width per layer", "file": "kept_widths.png"}]
+    curves = [s for s in report["sites"] if s.get("curve")]
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+        for ax, kind in zip(axes, ("mlp", "attention")):
+            for s in (c for c in curves if c["kind"] == kind):
+                ax.plot(range(1, len(s["curve"]) + 1), s["curve"], color=plt.cm.viridis(s["block"] / max(len(widths) - 1, 1)),
+                        linewidth=0.8)
+            ax.set_yscale("log")
+            ax.set_xlabel(f"{kind} groups kept (greedy order)")
+            ax.set_ylabel("relative reconstruction error")
+            ax.set_title(f"{kind} sites (colour: layer)")
+        fig.tight_layout()
+        fig.savefig(folder / "error_curves.png", dpi=100)
+        plt.close(fig)
+        plots.append({"title": "greedy error curves", "file": "error_curves.png"})
+    return plots
+
+
+def build_card(report: dict, plots: list[dict] | None = None, file_size: dict | None = None) -> ModelCard:
     base = report.get("base_model")
     hub_base = base if base and "/" in base and not Path(base).exists() else None
+    evaluation = report.get("evaluation") or {}
     data = ModelCardData(
         base_model=hub_base,
         library_name="transformers",
         pipeline_tag=PIPELINE_TAGS.get(report["model_type"]),
+        license=report.get("license"),
+        datasets=_datasets(report),
         tags=["pruned", "hf-subprune", "structured-pruning", report["model_type"]],
     )
+    if evaluation.get("perplexity"):
+        data.model_name = f"{Path(base).name if base else 'model'}-pruned"
+        data.eval_results = _eval_results(evaluation, report)
     cfg = report["config"]
+    cal = report["calibration"]
     settings = [("method", cfg["method"]), ("variant", cfg["variant"]), ("refit", cfg["refit"]),
                 ("budget", cfg["budget"]), ("sparsity", cfg["sparsity"]), ("mlp sparsity", cfg["mlp_sparsity"]),
                 ("attention sparsity", cfg["attention_sparsity"]), ("attention mode", cfg["attention_mode"]),
-                ("seed", cfg["seed"]),
-                ("calibration data", "{source} ({tokens} tokens, fingerprint `{fingerprint}`)".format(**report["calibration"]))]
-    sites = report["sites"]
+                ("damping", cfg["damping"]), ("seed", cfg["seed"]),
+                ("calibration data", f"{cal['source']} ({cal['num_samples']} x {cal['seq_len']} = {cal['tokens']} "
+                                     f"tokens, fingerprint `{cal['fingerprint']}`)"),
+                ("time", f"{report['seconds']:.0f} s")]
+    protocol = evaluation.get("perplexity_protocol")
     return ModelCard.from_template(
         data,
         template_path=str(TEMPLATE),
         title=f"{Path(base).name if base else 'model'} pruned with hf_subprune",
         base_model=base,
         base_model_url=f"https://huggingface.co/{hub_base}" if hub_base else "#",
-        heads_pruned=any(s["kind"] == "attention" for s in sites),
-        calibration=report["calibration"],
+        heads_pruned=any(s["kind"] == "attention" for s in report["sites"]),
+        calibration=cal,
         parameters=report["parameters"],
-        widths=report["widths"],
+        file_size=file_size,
         before_widths=report["widths_before"],
-        evaluation=report.get("evaluation"),
-        evaluation_rows=_evaluation_rows(report.get("evaluation", {})),
+        uniform=report.get("uniform", True),
+        layer_rows=_layer_rows(report),
+        evaluation_rows=_evaluation_rows(evaluation),
+        protocol=(f"Perplexity on {protocol['text']}: {protocol['tokens']} tokens in non-overlapping windows of "
+                  f"{protocol['window']}." if protocol else None),
+        plots=plots or [],
         settings=settings,
         notes=report.get("notes", []),
         auto_class=report.get("auto_class", "AutoModel"),
+        remote_code=report.get("export") == "heterogeneous",
     )
 
 
+def _eval_results(evaluation: dict, report: dict):
+    from huggingface_hub import EvalResult
+
+    ppl = evaluation["perplexity"]
+    protocol = evaluation.get("perplexity_protocol", {})
+    task = PIPELINE_TAGS.get(report["model_type"], "text-generation")
+    dataset = str(protocol.get("text", "held-out text"))
+    return [EvalResult(task_type=task, dataset_type=dataset, dataset_name=Path(dataset).name or dataset,
+                       metric_type="perplexity", metric_name=f"perplexity ({stage})", metric_value=round(value, 4))
+            for stage, value in (("base", ppl["before"]), ("pruned", ppl["after"]))]
+
+
 def write_card(folder: Path, report: dict) -> Path:
-    path = Path(folder) / "README.md"
-    build_card(report).save(path)
+    folder = Path(folder)
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    bytes_per_param = weights / max(report["parameters"]["after"], 1)
+    file_size = {"base": _size(int(report["parameters"]["before"] * bytes_per_param)) + " (same dtype)",
+                 "pruned": _size(weights)} if weights else None
+    path = folder / "README.md"
+    build_card(report, write_plots(folder, report), file_size).save(path)
     return path
+
+
+def regenerate(folder: Path) -> Path:
+    """Rewrite README.md and the plots of a pruned folder from its ``subprune_report.json``."""
+    folder = Path(folder)
+    report_path = folder / REPORT_FILE
+    if not report_path.exists():
+        raise FileNotFoundError(f"{folder} has no {REPORT_FILE}: it was not written by hf_subprune")
+    return write_card(folder, json.loads(report_path.read_text()))

@@ -45,11 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flag(p, "--seq-len", "seq_len", type=int, show_default=512)
     _config_flag(p, "--batch-size", "batch_size", type=int, show_default=8)
     _config_flag(p, "--method", "method", choices=sorted(METHODS), show_default="greedy")
-    _config_flag(p, "--variant", "variant", choices=VARIANTS, show_default="asymmetric")
+    _config_flag(p, "--variant", "variant", choices=VARIANTS, show_default="sequential")
     _config_flag(p, "--attention-mode", "attention_mode", choices=ATTENTION_MODES, show_default="query_quota")
     p.add_argument("--no-refit", dest="refit", action="store_const", const=False, default=None,
                    help="keep the original consumer columns instead of the least-squares refit")
-    _config_flag(p, "--damping", "damping", type=float, show_default=1e-3)
+    _config_flag(p, "--damping", "damping", type=float, show_default=1e-2)
+    _config_flag(p, "--budget", "budget", choices=["uniform", "global"], show_default="uniform")
+    _config_flag(p, "--mlp-multiple", "mlp_multiple", type=int, show_default=1)
     p.add_argument("--recipe", default=None, help="YAML/JSON recipe of PruneConfig keys; command-line flags win")
     _config_flag(p, "--seed", "seed", type=int, show_default=0)
     _config_flag(p, "--device", "device", show_default="cuda if available, else cpu")
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     e.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+    c = sub.add_parser("card", help="rewrite a pruned folder's README.md and plots from its subprune_report.json")
+    c.add_argument("folder", help="a folder written by hf-subprune prune")
 
     h = sub.add_parser("push", help="upload a model folder to the Hugging Face Hub (the folder is not changed)")
     h.add_argument("folder", help="model folder, e.g. the --output of prune")
@@ -111,10 +116,10 @@ def _distributed(device: str | None):
 def _prune(args) -> int:
     from .config import PruneConfig
     from .evaluation import perplexity
-    from .loading import load_model
+    from .loading import base_license, load_model
 
     fields = ("sparsity", "mlp_sparsity", "attention_sparsity", "num_samples", "seq_len", "batch_size", "method",
-              "variant", "attention_mode", "refit", "damping", "seed", "device")
+              "variant", "attention_mode", "refit", "damping", "seed", "device", "budget", "mlp_multiple")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     config = PruneConfig.from_file(args.recipe, **overrides) if args.recipe else PruneConfig(**overrides)
     output = Path(args.output)
@@ -139,6 +144,7 @@ def _prune(args) -> int:
     from .api import prune
 
     result = prune(model, tokenizer, args.calibration, config, progress=not args.quiet and main_process, base_model=base)
+    result.license = base_license(args.model)
     if args.evaluate and causal:
         after = perplexity(model, tokenizer, text, window=args.eval_window, max_tokens=args.eval_tokens)
         evaluation = {
@@ -175,6 +181,13 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _card(args) -> int:
+    from .card import regenerate
+
+    print(f"wrote {regenerate(Path(args.folder))}")
+    return 0
+
+
 def _push(args) -> int:
     from .hub import push_folder
 
@@ -190,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     from .hub import HubError
 
     try:
-        return {"prune": _prune, "eval": _evaluate, "push": _push}[args.command](args)
+        return {"prune": _prune, "eval": _evaluate, "card": _card, "push": _push}[args.command](args)
     except (UnsupportedModelError, CalibrationError, HubError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

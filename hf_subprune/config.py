@@ -13,7 +13,7 @@ __all__ = ["PruneConfig", "VARIANTS", "ATTENTION_MODES", "DTYPES"]
 VARIANTS = ("asymmetric", "sequential", "layerwise")
 ATTENTION_MODES = ("query_quota", "kv_group")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-BUDGETS = ("uniform",)
+BUDGETS = ("uniform", "global")
 
 
 def _help(text: str, default: Any = None, **kw) -> Any:
@@ -39,9 +39,11 @@ class PruneConfig:
         "greedy",
     )
     variant: str = _help(
-        "asymmetric (inputs from the pruned model, targets from the original: corrects earlier errors), "
-        "sequential (both from the pruned model) or layerwise (both from the original; one calibration stream).",
-        "asymmetric",
+        "sequential (inputs and targets from the model pruned so far; the best on SmolLM2 and MiniLM, see "
+        "benchmarks/results), asymmetric (inputs from the pruned model, targets from the original: the paper's "
+        "choice, it also tries to undo earlier errors but overfits small calibration sets) or layerwise (both "
+        "from the original; one calibration stream).",
+        "sequential",
     )
     refit: bool = _help("Least-squares refit of the consumer layer on the kept channels.", True)
     bias_shift: bool = _help(
@@ -57,8 +59,14 @@ class PruneConfig:
         "kv_group removes whole kv groups (kv head and its query heads).",
         "query_quota",
     )
-    budget: str = _help("uniform: the same widths in every block (the stock config describes the model).", "uniform")
+    budget: str = _help(
+        "uniform: the same widths in every block (the stock config describes the model); global: per-block "
+        "widths minimising the summed relative reconstruction error under the same parameter count, from each "
+        "site's greedy error curve (label-free; saved with the heterogeneous export).",
+        "uniform",
+    )
     mlp_multiple: int = _help("Round MLP widths to a multiple of this (e.g. 8 or 64 for fast kernels).", 1)
+    min_width_fraction: float = _help("Global budgets: no MLP keeps fewer than this fraction of its neurons.", 0.1)
     num_samples: int = _help("Number of calibration sequences.", 128)
     seq_len: int = _help("Tokens per calibration sequence.", 512)
     batch_size: int = _help("Sequences per forward pass during calibration (results do not depend on it).", 8)
@@ -85,6 +93,10 @@ class PruneConfig:
         for name in ("num_samples", "seq_len", "batch_size", "mlp_multiple"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.budget == "global" and self.sparsity is None:
+            raise ValueError("a global budget takes one overall `sparsity` (it decides the split between sites)")
+        if not 0 <= self.min_width_fraction <= 1:
+            raise ValueError(f"min_width_fraction must be in [0, 1], got {self.min_width_fraction}")
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
 

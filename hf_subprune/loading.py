@@ -34,6 +34,21 @@ def bundled_minilm() -> Path:
 
 
 ALIASES = {"smollm2": bundled_smollm2, "minilm": bundled_minilm}
+ALIAS_LICENSES = {"smollm2": "apache-2.0", "minilm": "apache-2.0"}  # the base models' licenses on the Hub
+
+
+def base_license(name_or_path: str) -> str | None:
+    """The base model's license, from its card's metadata where a local copy has one (for the new card)."""
+    if name_or_path in ALIAS_LICENSES:
+        return ALIAS_LICENSES[name_or_path]
+    folder = Path(name_or_path)
+    folder = folder.parent if folder.suffix == ".gguf" else folder
+    readme = folder / "README.md"
+    if not readme.exists():
+        return None
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(readme).data.to_dict().get("license")
 
 
 def _auto_class(config) -> type:

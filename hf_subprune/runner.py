@@ -17,14 +17,14 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .baselines import select
-from .budget import Widths
+from .budget import SiteOptions, Widths, head_options, mlp_options, site_costs
 from .capture import BlockInputs, find_blocks, run_block
 from .config import PruneConfig
-from .selection import SiteStatistics, reconstruction_error
-from .sites import Site, block_sites
+from .selection import SiteStatistics, greedy_select, reconstruction_error
+from .sites import Site, attention_site, block_sites, mlp_site
 from .surgery import apply_selection
 
-__all__ = ["SiteReport", "prune_blocks"]
+__all__ = ["SiteReport", "prune_blocks", "curve_pass"]
 
 
 @dataclass
@@ -114,9 +114,9 @@ def _prune_site(site: Site, adapter: Adapter, block: nn.Module, stats: SiteStati
 
 
 @torch.no_grad()
-def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConfig, widths: Widths,
+def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConfig, widths: list[Widths],
                  device, progress: bool = True) -> list[SiteReport]:
-    """Prune every block in place and return one report per pruned site."""
+    """Prune every block in place to its widths (one ``Widths`` per block) and return one report per pruned site."""
     prefix, blocks = find_blocks(model)
     dtype = getattr(torch, cfg.stats_dtype)
     offload = torch.device(cfg.offload_device)
@@ -127,7 +127,7 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
     bar = tqdm(range(len(blocks)), desc="pruning blocks", disable=not progress)
     for i in bar:
         block = blocks[i].to(device)
-        sites = block_sites(adapter, model.config, f"{prefix}.{i}", widths, mlp_width, cfg.attention_mode)
+        sites = block_sites(adapter, model.config, f"{prefix}.{i}", widths[i], mlp_width, cfg.attention_mode)
         original = copy.deepcopy(block) if sites and cfg.variant != "sequential" else block
         for site in sites:
             t0 = time.perf_counter()
@@ -146,3 +146,55 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
         blocks[i].to(offload)
         del original
     return reports
+
+
+@torch.no_grad()
+def curve_pass(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConfig, device,
+               progress: bool = True) -> list[SiteOptions]:
+    """One pass through the original model (layerwise statistics) giving each site's error at every width
+    it may take, for the global budget: the full greedy curve of every MLP, and one quota-constrained
+    greedy per valid head count of every attention site."""
+    prefix, blocks = find_blocks(model)
+    dtype = getattr(torch, cfg.stats_dtype)
+    offload = torch.device(cfg.offload_device)
+    x = inputs.hidden
+    options: list[SiteOptions] = []
+    for i in tqdm(range(len(blocks)), desc="error curves", disable=not progress):
+        block = blocks[i].to(device)
+        costs = site_costs(adapter, model.config, block)
+        full = Widths(costs.mlp_width, costs.heads, costs.kv_heads)
+        name = f"{prefix}.{i}"
+        sites = [mlp_site(adapter, f"{name}.mlp", costs.mlp_width, costs.mlp_width)]
+        if adapter.attention is not None:
+            sites.insert(0, attention_site(adapter, model.config, f"{name}.attention", costs.heads, costs.kv_heads,
+                                           cfg.attention_mode))
+        for site in sites:
+            stats = collect_statistics(site, adapter, block, block, inputs, x, None, "layerwise", device, dtype)
+            weight = adapter.weight(block.get_submodule(site.consumer)).detach().to(stats.gram)
+            prior = weight if cfg.damp_to_original else None
+            if site.kind == "mlp":
+                sel = greedy_select(stats, costs.mlp_width, damping=cfg.damping, bias_shift=False, prior=prior,
+                                    site=site.name)
+                floor = max(cfg.mlp_multiple, int(cfg.min_width_fraction * costs.mlp_width))
+                widths, params, errors = mlp_options(sel.curve.tolist(), sel.target_sq, costs.mlp_width,
+                                                     costs.per_neuron, cfg.mlp_multiple, floor)
+            else:
+                widths, params, errors = [], [], []
+                for heads, kv_heads in head_options(adapter, model.config, cfg.attention_mode):
+                    att = block_sites(adapter, model.config, name, Widths(full.mlp, heads, kv_heads),
+                                      costs.mlp_width, cfg.attention_mode)
+                    kept = costs.heads * costs.per_query_head + costs.kv_heads * costs.per_kv_head
+                    if att:
+                        sel = greedy_select(stats, att[0].keep, groups=att[0].groups, damping=cfg.damping,
+                                            bias_shift=False, partition=att[0].partition,
+                                            per_class=att[0].per_class, prior=prior, site=site.name)
+                        kept = heads * costs.per_query_head + kv_heads * costs.per_kv_head
+                        errors.append(float(sel.curve[-1]) / max(sel.target_sq, 1e-30))
+                    else:
+                        errors.append(0.0)
+                    widths.append((heads, kv_heads))
+                    params.append(kept)
+            options.append(SiteOptions(i, site.kind, tuple(widths), tuple(params), tuple(errors)))
+        x = [run_block(block, inputs, x, j, device).to(offload) for j in range(len(x))]
+        blocks[i].to(offload)
+    return options

@@ -49,18 +49,35 @@ def _blocks_of(n: int, size: int) -> torch.Tensor:
     return torch.arange(n * size).view(n, size)
 
 
+def _producer_rows(parts: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Rows per producer path from the (path, rows per group) of q, k and v in that order. Where one module
+    produces several of them (a fused [q; k; v] projection), each later segment's rows are offset by the rows
+    of the segments before it, and a group owns its rows in every segment."""
+    rows: dict[str, torch.Tensor] = {}
+    for path, blocks in parts:
+        if path in rows:
+            rows[path] = torch.cat([rows[path], blocks + rows[path].numel()], dim=1)
+        else:
+            rows[path] = blocks
+    return rows
+
+
 def attention_site(adapter: Adapter, config, name: str, heads_kept: int, kv_heads_kept: int, mode: str) -> Site:
     spec = adapter.attention
     heads, kv_heads, hd = adapter.heads(config), adapter.kv_heads(config), adapter.head_dim(config)
     per_kv = heads // kv_heads
-    if mode == "kv_group":
-        # One group = a kv head with all its query heads: their o columns are contiguous.
+    if mode == "kv_group" or per_kv == 1:
+        # One group = a kv head with all its query heads: their o columns are contiguous. With one query head
+        # per kv head (BERT, GPT-2, any multi-head attention) both modes are this one.
         return Site(
             kind="attention", name=name, consumer=spec.output, groups=_blocks_of(kv_heads, per_kv * hd),
-            keep=kv_heads_kept,
-            producer_rows={spec.query: _blocks_of(kv_heads, per_kv * hd), spec.key: _blocks_of(kv_heads, hd),
-                           spec.value: _blocks_of(kv_heads, hd)},
+            keep=heads_kept // per_kv,
+            producer_rows=_producer_rows([(spec.query, _blocks_of(kv_heads, per_kv * hd)),
+                                          (spec.key, _blocks_of(kv_heads, hd)), (spec.value, _blocks_of(kv_heads, hd))]),
         )
+    if spec.fused:
+        raise ValueError(f"{name}: a fused q/k/v projection with grouped-query attention can only drop whole kv "
+                         "groups (attention_mode kv_group)")
     per_class = heads_kept // kv_heads
     return Site(
         kind="attention", name=name, consumer=spec.output, groups=_blocks_of(heads, hd), keep=heads_kept,

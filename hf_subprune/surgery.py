@@ -8,7 +8,7 @@ from torch import nn
 from .adapters import Adapter
 from .budget import Widths
 
-__all__ = ["cut_rows", "set_consumer", "apply_selection", "update_config"]
+__all__ = ["cut_rows", "set_consumer", "apply_selection", "attention_widths", "set_head_attributes", "update_config"]
 
 
 def _param(tensor: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
@@ -33,7 +33,9 @@ def cut_rows(module: nn.Module, rows: torch.Tensor, transposed: bool = False) ->
 def set_consumer(module: nn.Module, weight: torch.Tensor, bias_shift: torch.Tensor | None, transposed: bool = False) -> None:
     """Install the new (m x kept) weight of a consumer, and add the bias shift where it has a bias."""
     module.weight = _param(weight.T if transposed else weight, module.weight)
-    if not transposed:
+    if transposed:
+        module.nx = weight.shape[1]
+    else:
         module.in_features = weight.shape[1]
     if bias_shift is not None and getattr(module, "bias", None) is not None:
         module.bias = _param(module.bias.double() + bias_shift.to(module.bias.device, torch.float64), module.bias)
@@ -46,17 +48,38 @@ def apply_selection(block: nn.Module, adapter: Adapter, site, kept_groups: list[
         cut_rows(block.get_submodule(path), rows, adapter.transposed)
     set_consumer(block.get_submodule(site.consumer), weight, bias_shift, adapter.transposed)
     if site.kind == "attention":
-        attention = block.get_submodule(adapter.attention.module)
-        head_dim = int(attention.head_dim)
-        heads = block.get_submodule(adapter.attention.query).weight.shape[0] // head_dim
-        kv_heads = block.get_submodule(adapter.attention.key).weight.shape[0] // head_dim
-        attention.num_key_value_groups = heads // kv_heads  # transformers repeats each kv head this often
+        set_head_attributes(block, adapter)
+
+
+def attention_widths(block: nn.Module, adapter: Adapter) -> tuple[int, int, int]:
+    """``(heads, kv_heads, head_dim)`` of one block, read from its weights: after a per-block budget the
+    config no longer says, and the export needs each block's own counts."""
+    spec = adapter.attention
+    head_dim = int(getattr(block.get_submodule(spec.module), spec.head_dim_attr))
+    heads = adapter.weight(block.get_submodule(spec.output)).shape[1] // head_dim
+    if spec.fused:  # rows [q; k; v]: heads + 2 kv_heads head-sized segments
+        kv_heads = (adapter.weight(block.get_submodule(spec.query)).shape[0] // head_dim - heads) // 2
+    else:
+        kv_heads = adapter.weight(block.get_submodule(spec.key)).shape[0] // head_dim
+    return heads, kv_heads, head_dim
+
+
+def set_head_attributes(block: nn.Module, adapter: Adapter) -> None:
+    """Set the attention module's head counts (``AttentionSpec.module_attrs``) from its weights: its forward
+    reads them rather than the weight shapes."""
+    heads, kv_heads, head_dim = attention_widths(block, adapter)
+    values = {"heads": heads, "kv_heads": kv_heads, "groups": heads // kv_heads, "width": heads * head_dim}
+    module = block.get_submodule(adapter.attention.module)
+    for attr, quantity in adapter.attention.module_attrs:
+        setattr(module, attr, values[quantity])
 
 
 def update_config(config, adapter: Adapter, widths: Widths) -> None:
     """Write the kept widths into the config (uniform widths: one value describes every block)."""
     setattr(config, adapter.mlp.width_field, widths.mlp)
-    if adapter.attention is not None:
+    if adapter.attention is not None and adapter.attention.stock_export:
+        # Where the config derives the head size from the head count (BERT, GPT-2) it keeps the original
+        # count: the heterogeneous export records the pruned counts per layer.
         att = adapter.attention
         head_dim = adapter.head_dim(config)  # read before the head count changes
         setattr(config, att.heads_field, widths.heads)

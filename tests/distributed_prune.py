@@ -15,7 +15,7 @@ def main(model_dir: str, ids_json: str, out_json: str) -> None:
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     ids = torch.tensor(json.loads(open(ids_json).read()))
-    result = prune(model, input_ids=ids, sparsity=0.3, batch_size=2, progress=False, device="cpu")
+    result = prune(model, input_ids=ids, sparsity=0.3, batch_size=2, progress=False, device="cpu", variant="asymmetric")
     if accelerator.is_main_process:
         down = model.model.layers[-1].mlp.down_proj.weight
         with open(out_json, "w") as f:

@@ -38,7 +38,7 @@ def test_prune_save_reload_matches(model_type, tmp_path):
     adapter = get_adapter(model.config)
     _, blocks = find_blocks(model)
     for block in blocks:
-        assert adapter.weight(block.get_submodule(adapter.mlp.consumer)).shape[1] == result.widths.mlp
+        assert adapter.weight(block.get_submodule(adapter.mlp.consumer)).shape[1] == result.widths[0].mlp
     # The parameter count lands on the budget, up to one unit of the coarsest site per block.
     removed = total_before - count_parameters(model)
     assert removed == result.params_before - result.params_after
@@ -98,8 +98,8 @@ def test_grouped_query_modes_give_valid_configs(mode, tmp_path):
 def test_every_method_prunes_to_the_same_widths(method, refit):
     model = tiny_model("llama")
     result = prune(model, input_ids=calibration_ids(), sparsity=0.3, method=method, refit=refit, progress=False)
-    assert model.config.intermediate_size == result.widths.mlp < 40
-    assert all(s.groups_kept == (result.widths.mlp if s.kind == "mlp" else result.widths.heads) for s in result.sites)
+    assert model.config.intermediate_size == result.widths[0].mlp < 40
+    assert all(s.groups_kept == (result.widths[0].mlp if s.kind == "mlp" else result.widths[0].heads) for s in result.sites)
 
 
 @pytest.mark.parametrize("variant", ["asymmetric", "sequential", "layerwise"])
@@ -158,7 +158,7 @@ def test_bert_attention_sparsity_is_refused_with_reason():
 def test_overall_sparsity_on_encoders_applies_to_mlps_and_says_so():
     model = tiny_model("bert")
     result = prune(model, input_ids=calibration_ids(), sparsity=0.25, progress=False)
-    assert any("MLPs only" in note for note in result.widths.notes)
+    assert any("MLPs only" in note for note in result.notes)
     assert model.config.intermediate_size == 30
 
 

@@ -33,17 +33,25 @@ class MlpSpec:
     width_field: str
 
 
+HEAD_QUANTITIES = ("heads", "kv_heads", "groups", "width")
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
-    """A multi-head (possibly grouped-query) attention site with separate q, k, v projections.
+    """A multi-head (possibly grouped-query) attention site.
 
     Attributes:
-        query, key, value: module paths of the projections (output features are heads x head_dim).
+        query, key, value: module paths of the projections (output features are heads x head_dim). One path
+            named three times is a fused projection whose outputs are the [q; k; v] segments (GPT-2's c_attn).
         output: the output projection; its input columns are grouped per query head.
-        module: path of the attention module whose ``module_attrs`` follow the head counts.
+        module: path of the attention module holding the head counts its forward reads.
         heads_field / kv_heads_field / head_dim_field: config fields (kv and head_dim may be absent).
+        head_dim_attr: attribute of ``module`` holding the head size (pruning never changes it).
+        module_attrs: ``(attribute, quantity)`` pairs of ``module`` to set after a cut, the quantity one of
+            ``heads``, ``kv_heads``, ``groups`` (query heads per kv head) or ``width`` (heads x head_dim):
+            what the module's forward reads instead of the weight shapes.
         stock_export: whether a stock config can express fewer heads (it cannot where the head size is
-            derived from the hidden size, as in BERT).
+            derived from the hidden size, as in BERT and GPT-2: those go through the heterogeneous export).
     """
 
     query: str
@@ -54,7 +62,19 @@ class AttentionSpec:
     heads_field: str
     kv_heads_field: str | None = None
     head_dim_field: str | None = "head_dim"
+    head_dim_attr: str = "head_dim"
+    module_attrs: tuple[tuple[str, str], ...] = (("num_key_value_groups", "groups"),)
     stock_export: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [q for _, q in self.module_attrs if q not in HEAD_QUANTITIES]
+        if unknown:
+            raise ValueError(f"module_attrs quantities must be among {HEAD_QUANTITIES}, got {unknown}")
+
+    @property
+    def fused(self) -> bool:
+        """q, k and v come out of one module (rows in three segments)."""
+        return self.query == self.key == self.value
 
 
 @dataclass(frozen=True)
@@ -64,8 +84,10 @@ class Adapter:
     Attributes:
         model_types: ``config.model_type`` values served.
         mlp: the MLP site.
-        attention: the attention site, when heads can be pruned with a stock export.
+        attention: the attention site, when heads can be pruned.
         transposed: projections are GPT-2 ``Conv1D`` (weight stored in x out).
+        remote_code: template module under ``hf_subprune/remote_code`` that the heterogeneous export writes
+            next to the weights (per-layer widths), or None where the family has none.
         notes: shown when a request cannot be served (e.g. why heads are not pruned).
     """
 
@@ -73,6 +95,7 @@ class Adapter:
     mlp: MlpSpec
     attention: AttentionSpec | None = None
     transposed: bool = False
+    remote_code: str | None = None
     notes: str = ""
     extra: dict = field(default_factory=dict)
 

@@ -15,25 +15,52 @@ LLAMA_LIKE = register_adapter(
             heads_field="num_attention_heads",
             kv_heads_field="num_key_value_heads",
             head_dim_field="head_dim",
+            module_attrs=(("num_key_value_groups", "groups"),),  # transformers repeats each kv head this often
         ),
+        remote_code="llama_family",
     )
 )
 
+# BERT-style configs derive the head size from the hidden size, so fewer heads cannot be written into a stock
+# config: pruned heads are exported as per-layer overrides with remote code (stock_export=False).
 BERT_LIKE = register_adapter(
     Adapter(
         model_types=("bert", "roberta"),
         mlp=MlpSpec(producers=("intermediate.dense",), consumer="output.dense", width_field="intermediate_size"),
-        notes="BERT-style configs derive the head size from the hidden size, so pruned heads need the "
-        "heterogeneous export (not available yet): only MLP neurons are pruned.",
+        attention=AttentionSpec(
+            query="attention.self.query",
+            key="attention.self.key",
+            value="attention.self.value",
+            output="attention.output.dense",
+            module="attention.self",
+            heads_field="num_attention_heads",
+            head_dim_field=None,
+            head_dim_attr="attention_head_size",
+            module_attrs=(("num_attention_heads", "heads"), ("all_head_size", "width")),
+            stock_export=False,
+        ),
+        remote_code="bert_family",
     )
 )
 
+# GPT-2 fuses q, k, v into c_attn (outputs [q; k; v]) and derives the head size from n_embd.
 GPT2 = register_adapter(
     Adapter(
         model_types=("gpt2",),
         mlp=MlpSpec(producers=("mlp.c_fc",), consumer="mlp.c_proj", width_field="n_inner"),
+        attention=AttentionSpec(
+            query="attn.c_attn",
+            key="attn.c_attn",
+            value="attn.c_attn",
+            output="attn.c_proj",
+            module="attn",
+            heads_field="n_head",
+            head_dim_field=None,
+            head_dim_attr="head_dim",
+            module_attrs=(("num_heads", "heads"), ("split_size", "width")),
+            stock_export=False,
+        ),
         transposed=True,
-        notes="GPT-2 derives the head size from n_embd and fuses q, k, v, so pruned heads need the "
-        "heterogeneous export (not available yet): only MLP neurons are pruned.",
+        remote_code="gpt2",
     )
 )
