@@ -201,7 +201,7 @@ def prune(
     model.eval()
     try:
         inputs = capture_block_inputs(model, shard(input_ids, rank, world), config.batch_size, device,
-                                      torch.device(config.offload_device))
+                                      torch.device(config.offload_device), progress=progress and rank == 0)
         if config.budget == "global":
             widths = _global_widths(model, adapter, inputs, config, device, progress and rank == 0)
         else:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from accelerate.utils import send_to_device
 from torch import nn
+from tqdm.auto import tqdm
 
 __all__ = ["StopForward", "HookSet", "find_blocks", "BlockInputs", "capture_block_inputs", "run_block", "module_at"]
 
@@ -80,7 +81,8 @@ def _move_outside(model: nn.Module, blocks_prefix: str, device) -> None:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, input_ids: torch.Tensor, batch_size: int, device, offload, *, attention_mask=None
+    model: nn.Module, input_ids: torch.Tensor, batch_size: int, device, offload, *, attention_mask=None,
+    progress: bool = False,
 ) -> BlockInputs:
     """Run the model on each batch up to block 0 and keep what block 0 receives (moved to ``offload``)."""
     prefix, blocks = find_blocks(model)
@@ -97,7 +99,7 @@ def capture_block_inputs(
     try:
         with HookSet() as hooks:
             hooks.pre_hook(blocks[0], grab, with_kwargs=True)
-            for start in range(0, len(input_ids), batch_size):
+            for start in tqdm(range(0, len(input_ids), batch_size), desc="calibration batches", disable=not progress):
                 batch = {"input_ids": input_ids[start : start + batch_size].to(device), "use_cache": False}
                 if attention_mask is not None:
                     batch["attention_mask"] = attention_mask[start : start + batch_size].to(device)
