@@ -397,7 +397,8 @@ def _greedy_neurons(gram, cross, lam: float, own: torch.Tensor, k: int, r: int, 
     own = own.clamp_min(tiny)  # undamped: a dead column stays dead under the ridge
     resid = gram.diagonal().clone()  # residual variances G_r[j, j] of the damped problem
     norms = cross.square().sum(1)  # ||C_r[j]||^2
-    factor = torch.zeros(d, k, dtype=dtype, device=device)
+    # Row t of ``factor_t`` is the t-th factor column, so that ``factor_t[:s]`` is contiguous.
+    factor_t = torch.zeros(k, d, dtype=dtype, device=device)
     whitened = torch.zeros(k, m, dtype=dtype, device=device)
     kept, gains, dependent, s = [], torch.zeros(k, dtype=dtype), 0, 0
     for step in range(k):
@@ -409,16 +410,18 @@ def _greedy_neurons(gram, cross, lam: float, own: torch.Tensor, k: int, r: int, 
             dependent += 1  # in the span of the kept columns (or dead): contributes nothing
             continue
         pivot = resid[j].sqrt()
-        f_j = factor[j, :s]
+        f_j = factor_t[:s, j]
         u = (cross[j] - f_j @ whitened[:s]) / pivot
-        both = factor[:, :s] @ torch.stack([f_j, whitened[:s] @ u], 1)  # one pass over F for v and C_r u
-        q = (gram[j] - both[:, 0]) / pivot
-        c_r_u = cross @ u - both[:, 1]
+        # One pass over F for both F f_j (the new factor column) and F (U u) (for C_r u). Written as
+        # (2 x s) @ (s x d): the (d x s) @ (s x 2) form is ~40x slower in CPU BLAS.
+        both = torch.stack([f_j, whitened[:s] @ u]) @ factor_t[:s]
+        q = (gram[j] - both[0]) / pivot
+        c_r_u = cross @ u - both[1]
         u_sq = u.dot(u)
         norms += q * (q * u_sq - 2 * c_r_u)
         resid -= q.square()
-        factor[:, s], whitened[s] = q, u
-        gains[step] = u_sq.cpu()
+        factor_t[s], whitened[s] = q, u
+        gains[step] = u_sq
         s += 1
     return kept, gains, dependent
 
