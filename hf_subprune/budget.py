@@ -66,13 +66,16 @@ def site_costs(adapter: Adapter, config, block: nn.Module) -> SiteCosts:
 
 
 def head_options(adapter: Adapter, config, mode: str) -> list[tuple[int, int]]:
-    """(heads, kv_heads) pairs a stock config accepts: even per kv group, hidden size divisible by heads."""
+    """(heads, kv_heads) pairs the export can express: heads even per kv group, and for stock configs the
+    hidden size divisible by the head count (families without a stock route take any count)."""
     heads, kv_heads = adapter.heads(config), adapter.kv_heads(config)
     per_kv = heads // kv_heads
-    if mode == "kv_group":
+    if mode == "kv_group" or per_kv == 1:  # multi-head attention: both modes drop whole heads
         pairs = [(j * per_kv, j) for j in range(1, kv_heads + 1)]
     else:
         pairs = [(q * kv_heads, kv_heads) for q in range(1, per_kv + 1)]
+    if not adapter.attention.stock_export:
+        return pairs
     return [(h, kv) for h, kv in pairs if config.hidden_size % h == 0]
 
 
@@ -103,7 +106,8 @@ def uniform_widths(adapter: Adapter, config, block: nn.Module, prune: PruneConfi
             if heads != round(costs.heads * (1 - att_frac)):
                 notes.append(
                     f"attention: {att_frac:.0%} of {costs.heads} heads is not a width the config can express "
-                    f"({prune.attention_mode}: heads even per kv group, hidden size divisible by heads); "
+                    f"({prune.attention_mode}: heads even per kv group"
+                    f"{', hidden size divisible by heads' if adapter.attention.stock_export else ''}); "
                     f"keeping {heads} heads and {kv_heads} kv heads"
                 )
     mult = prune.mlp_multiple

@@ -56,7 +56,8 @@ def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def check_reload(model, folder: Path, *, trust_remote_code: bool = False) -> float:
-    """Reload ``folder`` with plain transformers and compare outputs with ``model``.
+    """Reload ``folder`` with plain transformers (with its modeling file when ``trust_remote_code``) and
+    compare outputs with ``model``.
 
     Returns the largest absolute difference relative to the largest output; raises ``ExportCheckError``
     when it passes float rounding of the model's dtype.
@@ -91,8 +92,13 @@ def _prepare_target(path: Path, overwrite: bool) -> None:
 
 def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = True) -> Path:
     """Write weights (safetensors), config, tokenizer, generation config, ``subprune_report.json`` and a
-    model card into ``path``, via a temporary folder that is renamed into place once the reload check passed."""
+    model card into ``path``, via a temporary folder that is renamed into place once the reload check passed.
+
+    Widths that the stock config cannot express (they differ per block, or BERT/GPT-2 heads were pruned) are
+    written as the heterogeneous export (``heterogeneous.py``): it loads with ``trust_remote_code=True``, and
+    the reload check loads it that way. ``report["export"]`` says which one was written."""
     from .card import write_card
+    from .heterogeneous import needs_heterogeneous, write_heterogeneous
 
     path = Path(path)
     _prepare_target(path, overwrite)
@@ -101,11 +107,16 @@ def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = Tr
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         result.model.save_pretrained(tmp, safe_serialization=True)
+        heterogeneous = needs_heterogeneous(result.model)
+        if heterogeneous:  # per-layer widths: overrides in config.json, modeling file wired with auto_map
+            write_heterogeneous(result.model, tmp)
         if result.tokenizer is not None:
             result.tokenizer.save_pretrained(tmp)
         report = result.report()
+        report["export"] = "heterogeneous" if heterogeneous else "stock"
         if check:
-            report["reload_check"] = {"relative_max_difference": check_reload(result.model, tmp)}
+            report["reload_check"] = {
+                "relative_max_difference": check_reload(result.model, tmp, trust_remote_code=heterogeneous)}
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
         write_card(tmp, report)
         if path.exists():

@@ -42,7 +42,8 @@ class Site:
 
     def rows_to_keep(self, kept_groups: list[int]) -> dict[str, torch.Tensor]:
         kept = torch.as_tensor(sorted(kept_groups), dtype=torch.long)
-        return {path: rows[kept].flatten() for path, rows in self.producer_rows.items()}
+        # Ascending, so that a fused [q; k; v] projection keeps its segments in order.
+        return {path: rows[kept].flatten().sort().values for path, rows in self.producer_rows.items()}
 
 
 def _blocks_of(n: int, size: int) -> torch.Tensor:

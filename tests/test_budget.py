@@ -74,3 +74,23 @@ def test_global_prune_lands_on_budget_with_per_block_widths():
 def test_global_budget_needs_one_overall_sparsity():
     with pytest.raises(ValueError, match="overall"):
         prune(tiny_model("llama"), input_ids=calibration_ids(), mlp_sparsity=0.3, budget="global", progress=False)
+
+
+def test_global_prune_saves_heterogeneous_and_reloads(tmp_path):
+    import json
+
+    import torch
+    import transformers
+
+    from conftest import outputs
+
+    model = tiny_model("qwen3")
+    result = prune(model, input_ids=calibration_ids(16, 16), sparsity=0.4, budget="global", progress=False)
+    folder = result.save(tmp_path / "global")
+    report = json.loads((folder / "subprune_report.json").read_text())
+    assert report["uniform"] is False and report["export"] == "heterogeneous"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["per_layer_config"] and "AutoModelForCausalLM" in config["auto_map"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    probe = calibration_ids(2, 12, seed=5)
+    torch.testing.assert_close(outputs(reloaded, probe), outputs(model, probe), rtol=1e-4, atol=1e-5)

@@ -54,7 +54,7 @@ def test_prune_then_eval(model_dir, tmp_path):
     assert "parameters:" in run.stdout and "saved to" in run.stdout
     report = json.loads((out / "subprune_report.json").read_text())
     assert report["config"]["num_samples"] == 8 and report["evaluation"]["perplexity"]["after"] > 1
-    assert transformers.AutoConfig.from_pretrained(out).intermediate_size == report["widths"]["mlp"] < 40
+    assert transformers.AutoConfig.from_pretrained(out).intermediate_size == report["widths"][0]["mlp"] < 40
 
     again = _run("prune", str(model_dir), "--output", str(out), "--sparsity", "0.3", "--calibration", str(text),
                  "--num-samples", "8", "--seq-len", "32", "--quiet", cwd=tmp_path)

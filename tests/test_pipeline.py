@@ -13,6 +13,7 @@ from hf_subprune.adapters import get_adapter
 from hf_subprune.budget import site_costs
 from hf_subprune.capture import find_blocks
 from hf_subprune.export import auto_class_for
+from hf_subprune.heterogeneous import layer_widths
 from hf_subprune.selection import NonFiniteStatisticsError
 
 from conftest import calibration_ids, outputs, tiny_config, tiny_model
@@ -48,10 +49,13 @@ def test_prune_save_reload_matches(model_type, tmp_path):
 
     folder = result.save(tmp_path / "pruned")
     assert {"model.safetensors", "config.json", "subprune_report.json", "README.md"} <= {p.name for p in folder.iterdir()}
-    reloaded = auto_class_for(model).from_pretrained(folder)
+    report = json.loads((folder / "subprune_report.json").read_text())
+    # Pruned BERT/GPT-2 heads need the heterogeneous export (remote code); everything else loads stock.
+    assert report["export"] == ("heterogeneous" if any(s.kind == "attention" for s in result.sites)
+                                and not adapter.attention.stock_export else "stock")
+    reloaded = auto_class_for(model).from_pretrained(folder, trust_remote_code=report["export"] == "heterogeneous")
     probe = calibration_ids(3, 10, seed=7)
     torch.testing.assert_close(outputs(reloaded, probe), outputs(model, probe), rtol=1e-4, atol=1e-5)
-    report = json.loads((folder / "subprune_report.json").read_text())
     assert report["parameters"]["after"] == count_parameters(reloaded)
     assert len(report["sites"]) == len(result.sites) > 0
 
@@ -149,17 +153,34 @@ def test_bad_config_is_refused(bad):
         PruneConfig.from_dict(bad)
 
 
-def test_bert_attention_sparsity_is_refused_with_reason():
-    model = tiny_model("bert")
-    with pytest.raises(ValueError, match="heterogeneous export"):
-        prune(model, input_ids=calibration_ids(), attention_sparsity=0.5, progress=False)
+@pytest.mark.parametrize("model_type", ["bert", "gpt2"])
+def test_bert_and_gpt2_heads_are_pruned_through_the_heterogeneous_export(model_type, tmp_path):
+    model = tiny_model(model_type)
+    result = prune(model, input_ids=calibration_ids(), attention_sparsity=0.5,
+                   progress=False)
+    assert [s.groups_kept for s in result.sites if s.kind == "attention"] == [2, 2]
+    folder = result.save(tmp_path / "pruned")
+    assert json.loads((folder / "subprune_report.json").read_text())["export"] == "heterogeneous"
+    reloaded = auto_class_for(model).from_pretrained(folder, trust_remote_code=True)
+    probe = calibration_ids(3, 10, seed=7)
+    torch.testing.assert_close(outputs(reloaded, probe), outputs(model, probe), rtol=1e-4, atol=1e-5)
 
 
-def test_overall_sparsity_on_encoders_applies_to_mlps_and_says_so():
+def test_overall_sparsity_on_encoders_applies_to_mlps_and_heads():
     model = tiny_model("bert")
+    adapter = get_adapter(model.config)
+    _, blocks = find_blocks(model)
+    costs = site_costs(adapter, model.config, blocks[0])
+    prunable = _prunable(model)
     result = prune(model, input_ids=calibration_ids(), sparsity=0.25, progress=False)
-    assert any("MLPs only" in note for note in result.notes)
-    assert model.config.intermediate_size == 30
+    assert not any("MLPs only" in note for note in result.notes)
+    # Every block has the budget's widths, read from its weights.
+    w = result.widths[0]
+    assert layer_widths(model) == [{"intermediate_size": w.mlp, "num_attention_heads": w.heads}] * len(blocks)
+    # The budget counts MLP and attention parameters: it lands on 25% of both, up to one unit per block.
+    removed = result.params_before - result.params_after
+    assert removed == len(blocks) * (costs.mlp_params + costs.attention_params - costs.params(w))
+    assert abs(removed - 0.25 * prunable) <= max(costs.per_neuron, costs.per_query_head + costs.per_kv_head) * len(blocks)
 
 
 def test_existing_output_folder_is_kept_unless_overwrite(tmp_path):

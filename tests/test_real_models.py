@@ -50,7 +50,7 @@ def test_minilm_mlp_pruning_keeps_embeddings_close(shared_data):
     dense = mean_pooled_embeddings(model, tok, sentences)
     train = [l.split("\t")[0] for l in (shared_data / "sst2" / "train.tsv").read_text().splitlines()[1:5000]]
     ids = token_blocks(train, tok, 32, 128, seed=0, special_tokens=True)
-    result = prune(model, tok, input_ids=ids, sparsity=0.3, progress=False)
+    result = prune(model, tok, input_ids=ids, mlp_sparsity=0.3, progress=False)
     assert model.config.intermediate_size == round(1536 * 0.7)
     cosine = embedding_cosine(dense, mean_pooled_embeddings(model, tok, sentences))
     assert cosine > 0.9, cosine
