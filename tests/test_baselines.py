@@ -19,13 +19,7 @@ ALL_METHODS = sorted(METHODS)
 BASELINES = [name for name in ALL_METHODS if name != "greedy"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The problems are tiny: one thread avoids BLAS/LAPACK threading overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_registry_holds_the_documented_methods():

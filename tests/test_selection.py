@@ -24,13 +24,7 @@ from hf_subprune.selection import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The problems are tiny: one thread avoids BLAS/LAPACK threading overhead (100x on small lstsq)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------------------------------
