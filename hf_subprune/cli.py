@@ -116,6 +116,7 @@ def _distributed(device: str | None):
 def _prune(args) -> int:
     from .config import PruneConfig
     from .evaluation import perplexity
+    from .export import check_output_folder
     from .loading import base_license, load_model
 
     fields = ("sparsity", "mlp_sparsity", "attention_sparsity", "num_samples", "seq_len", "batch_size", "method",
@@ -123,8 +124,7 @@ def _prune(args) -> int:
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     config = PruneConfig.from_file(args.recipe, **overrides) if args.recipe else PruneConfig(**overrides)
     output = Path(args.output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        raise FileExistsError(f"{output} exists and is not empty; choose another --output or pass --overwrite")
+    check_output_folder(output, args.overwrite)  # before hours of pruning, not after
     accelerator = _distributed(config.device)
     if accelerator is not None and config.device is None:
         config = PruneConfig.from_dict({**config.to_dict(), "device": str(accelerator.device)})

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import transformers
 
-__all__ = ["ExportCheckError", "save_pruned", "auto_class_for", "check_reload"]
+__all__ = ["ExportCheckError", "check_output_folder", "save_pruned", "auto_class_for", "check_reload"]
 
 REPORT_FILE = "subprune_report.json"
 
@@ -83,7 +83,8 @@ def check_reload(model, folder: Path, *, trust_remote_code: bool = False) -> flo
     return rel
 
 
-def _prepare_target(path: Path, overwrite: bool) -> None:
+def check_output_folder(path: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing non-empty folder (or a file) unless asked to."""
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
@@ -101,7 +102,7 @@ def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = Tr
     from .heterogeneous import needs_heterogeneous, write_heterogeneous
 
     path = Path(path)
-    _prepare_target(path, overwrite)
+    check_output_folder(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

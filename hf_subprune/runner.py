@@ -162,7 +162,6 @@ def curve_pass(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
     for i in tqdm(range(len(blocks)), desc="error curves", disable=not progress):
         block = blocks[i].to(device)
         costs = site_costs(adapter, model.config, block)
-        full = Widths(costs.mlp_width, costs.heads, costs.kv_heads)
         name = f"{prefix}.{i}"
         sites = [mlp_site(adapter, f"{name}.mlp", costs.mlp_width, costs.mlp_width)]
         if adapter.attention is not None:
@@ -181,19 +180,16 @@ def curve_pass(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
             else:
                 widths, params, errors = [], [], []
                 for heads, kv_heads in head_options(adapter, model.config, cfg.attention_mode):
-                    att = block_sites(adapter, model.config, name, Widths(full.mlp, heads, kv_heads),
-                                      costs.mlp_width, cfg.attention_mode)
-                    kept = costs.heads * costs.per_query_head + costs.kv_heads * costs.per_kv_head
-                    if att:
-                        sel = greedy_select(stats, att[0].keep, groups=att[0].groups, damping=cfg.damping,
-                                            bias_shift=False, partition=att[0].partition,
-                                            per_class=att[0].per_class, prior=prior, site=site.name)
-                        kept = heads * costs.per_query_head + kv_heads * costs.per_kv_head
-                        errors.append(float(sel.curve[-1]) / max(sel.target_sq, 1e-30))
-                    else:
-                        errors.append(0.0)
+                    error = 0.0
+                    if heads < costs.heads:
+                        att = attention_site(adapter, model.config, site.name, heads, kv_heads, cfg.attention_mode)
+                        sel = greedy_select(stats, att.keep, groups=att.groups, damping=cfg.damping, bias_shift=False,
+                                            partition=att.partition, per_class=att.per_class, prior=prior,
+                                            site=site.name)
+                        error = float(sel.curve[-1]) / max(sel.target_sq, 1e-30)
                     widths.append((heads, kv_heads))
-                    params.append(kept)
+                    params.append(heads * costs.per_query_head + kv_heads * costs.per_kv_head)
+                    errors.append(error)
             options.append(SiteOptions(i, site.kind, tuple(widths), tuple(params), tuple(errors)))
         x = [run_block(block, inputs, x, j, device).to(offload) for j in range(len(x))]
         blocks[i].to(offload)
