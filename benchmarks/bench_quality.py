@@ -91,6 +91,10 @@ class Task:
         return {"value": embedding_cosine(self.reference, emb), "sentences": len(self.sentences)}
 
 
+def _find(records: list[dict], label: str, sparsity: float) -> dict | None:
+    return next((r for r in records if r["label"] == label and r["sparsity"] == sparsity), None)
+
+
 def _table(task: Task, records: list[dict], args) -> str:
     dense = next((r for r in records if r["label"] == "dense"), None)
     sparsities = sorted({r["sparsity"] for r in records if r["label"] != "dense"})
@@ -138,6 +142,16 @@ def _table(task: Task, records: list[dict], args) -> str:
             gain = (b - a) / b if task.better == "lower" else (a - b) / b
             lines.append(f"- {s:.0%}: {a:.4f} vs {b:.4f} ({other['label']}): the default is "
                          f"{abs(gain):.1%} {'better' if gain >= 0 else 'worse'}")
+    glob = next(r[0] for r in ROWS if r[4] == "global")
+    pairs = [(s, _find(records, glob, s), _find(records, ROWS[0][0], s)) for s in sparsities]
+    pairs = [(s, g, u) for s, g, u in pairs if g and u]
+    if pairs:
+        lines += ["", "Global budget against uniform widths (same method and variant, same parameter budget):"]
+        for s, g, u in pairs:
+            a, b = g["quality"]["value"], u["quality"]["value"]
+            gain = (b - a) / b if task.better == "lower" else (a - b) / b
+            lines.append(f"- {s:.0%}: global {a:.4f} vs uniform {b:.4f} ({g['params']:,} vs {u['params']:,} "
+                         f"parameters): global is {abs(gain):.1%} {'better' if gain >= 0 else 'worse'}")
     runs = [r for r in records if r["label"] != "dense"]
     if runs:
         first = runs[0]

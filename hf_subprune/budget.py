@@ -145,7 +145,7 @@ class SiteOptions:
 
 
 def allocate(options: list[SiteOptions], budget: int) -> list[int]:
-    """Pick one option per site, minimising the summed relative error with at most ``budget`` parameters.
+    """Pick one option per site, minimising the summed error with at most ``budget`` parameters.
 
     A Lagrangian relaxation (each site minimises ``error + lam * params``, ``lam`` found by bisection) gives
     a point on the lower convex hull of every curve; the slack left under the budget is then spent greedily

@@ -106,7 +106,8 @@ def build_card(report: dict, plots: list[dict] | None = None, file_size: dict | 
     settings = [("method", cfg["method"]), ("variant", cfg["variant"]), ("refit", cfg["refit"]),
                 ("budget", cfg["budget"]), ("sparsity", cfg["sparsity"]), ("mlp sparsity", cfg["mlp_sparsity"]),
                 ("attention sparsity", cfg["attention_sparsity"]), ("attention mode", cfg["attention_mode"]),
-                ("damping", cfg["damping"]), ("seed", cfg["seed"]),
+                ("damping", cfg["damping"]), ("token weights", cfg.get("token_weights", "none")),
+                ("seed", cfg["seed"]),
                 ("calibration data", f"{cal['source']} ({cal['num_samples']} x {cal['seq_len']} = {cal['tokens']} "
                                      f"tokens, fingerprint `{cal['fingerprint']}`)"),
                 ("time", f"{report['seconds']:.0f} s")]

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-refit", dest="refit", action="store_const", const=False, default=None,
                    help="keep the original consumer columns instead of the least-squares refit")
     _config_flag(p, "--damping", "damping", type=float, show_default=1e-2)
+    _config_flag(p, "--token-weights", "token_weights", choices=["residual", "none"], show_default="residual")
     _config_flag(p, "--budget", "budget", choices=["uniform", "global"], show_default="uniform")
     _config_flag(p, "--mlp-multiple", "mlp_multiple", type=int, show_default=1)
     p.add_argument("--recipe", default=None, help="YAML/JSON recipe of PruneConfig keys; command-line flags win")
@@ -120,7 +121,8 @@ def _prune(args) -> int:
     from .loading import base_license, load_model
 
     fields = ("sparsity", "mlp_sparsity", "attention_sparsity", "num_samples", "seq_len", "batch_size", "method",
-              "variant", "attention_mode", "refit", "damping", "seed", "device", "budget", "mlp_multiple")
+              "variant", "attention_mode", "refit", "damping", "token_weights", "seed", "device", "budget",
+              "mlp_multiple")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     config = PruneConfig.from_file(args.recipe, **overrides) if args.recipe else PruneConfig(**overrides)
     output = Path(args.output)

@@ -54,6 +54,13 @@ class PruneConfig:
         "Damp the refit towards the original weights rather than towards zero: with little calibration data "
         "the refit then corrects the kept columns instead of shrinking them.", True
     )
+    token_weights: str = _help(
+        "residual: weight each token's reconstruction error by 1 / (mean square of the residual stream + of the "
+        "site's output), i.e. measure the perturbation relative to the residual stream the next normalised layer "
+        "reads, so that the few massive-activation tokens (attention sinks) do not dominate the statistics. "
+        "none: every token counts the same.",
+        "residual",
+    )
     attention_mode: str = _help(
         "Grouped-query attention: query_quota keeps the same number of query heads in every kv group; "
         "kv_group removes whole kv groups (kv head and its query heads).",
@@ -61,8 +68,10 @@ class PruneConfig:
     )
     budget: str = _help(
         "uniform: the same widths in every block (the stock config describes the model); global: per-block "
-        "widths minimising the summed relative reconstruction error under the same parameter count, from each "
-        "site's greedy error curve (label-free; saved with the heterogeneous export).",
+        "widths minimising the summed reconstruction error under the same parameter count, from each site's "
+        "greedy error curve (label-free; saved with the heterogeneous export). The errors are compared as the "
+        "mean per-token perturbation relative to the residual stream (token_weights=residual) or, unweighted, "
+        "relative to each site's own output.",
         "uniform",
     )
     mlp_multiple: int = _help("Round MLP widths to a multiple of this (e.g. 8 or 64 for fast kernels).", 1)
@@ -89,6 +98,7 @@ class PruneConfig:
         self._choice("variant", VARIANTS)
         self._choice("attention_mode", ATTENTION_MODES)
         self._choice("budget", BUDGETS)
+        self._choice("token_weights", ("residual", "none"))
         self._choice("stats_dtype", ("float64", "float32"))
         for name in ("num_samples", "seq_len", "batch_size", "mlp_multiple"):
             if int(getattr(self, name)) < 1:

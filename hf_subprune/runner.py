@@ -69,18 +69,31 @@ def _consumer_inputs(block: nn.Module, path: str, inputs: BlockInputs, hidden: l
     return box[0].reshape(-1, box[0].shape[-1])
 
 
+def residual_weights(stream: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """Token weights ``1 / (ms(h_t) + ms(y_t))``: ``h_t`` the residual stream entering the block, ``y_t`` the
+    site's output, ms the mean square over features. The weighted error is then the perturbation relative to
+    the residual stream the site writes into, which is what the next (normalised) layer sees, and the few
+    tokens that carry massive activations (attention sinks, 100x the usual norm) stop dominating the sums."""
+    h = stream.reshape(-1, stream.shape[-1]).to(device=outputs.device, dtype=torch.float32)
+    ms = h.square().mean(-1) + outputs.float().square().mean(-1)
+    return 1.0 / ms.clamp_min(1e-6)
+
+
 @torch.no_grad()
 def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original: nn.Module, inputs: BlockInputs,
-                       x_orig, x_pruned, variant: str, device, dtype: torch.dtype) -> SiteStatistics:
+                       x_orig, x_pruned, variant: str, device, dtype: torch.dtype,
+                       token_weights: str = "none") -> SiteStatistics:
     """Sum the site's statistics over this process's batches, then over processes."""
     weight = adapter.weight(original.get_submodule(site.consumer)).to(device=device, dtype=torch.float32)
     d = weight.shape[1]
+    weighted = token_weights == "residual"
     if variant == "asymmetric":
         stats = SiteStatistics.zeros(d, weight.shape[0], device=device, dtype=dtype)
         for i in range(len(inputs.hidden)):
             a = _consumer_inputs(original, site.consumer, inputs, x_orig, i, device)
             b = _consumer_inputs(block, site.consumer, inputs, x_pruned, i, device)
-            stats.update(b, a.float() @ weight.T)
+            y = a.float() @ weight.T
+            stats.update(b, y, weights=residual_weights(x_pruned[i], y) if weighted else None)
         _all_reduce(stats)
         return stats
     # sequential / layerwise: a = b, so the input sums are enough (C = G W^T).
@@ -88,7 +101,8 @@ def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original:
     stats = SiteStatistics.zeros(d, 0, device=device, dtype=dtype)
     for i in range(len(inputs.hidden)):
         b = _consumer_inputs(source, site.consumer, inputs, stream, i, device)
-        stats.update(b, b[:, :0])
+        w = residual_weights(stream[i], b.float() @ weight.T) if weighted else None
+        stats.update(b, b[:, :0], weights=w)
     _all_reduce(stats)
     return SiteStatistics.from_inputs_only(stats, weight)
 
@@ -108,7 +122,7 @@ def _prune_site(site: Site, adapter: Adapter, block: nn.Module, stats: SiteStati
     return SiteReport(
         name=site.name, kind=site.kind, block=block_index, groups_before=site.num_groups, groups_kept=len(sel.kept),
         kept=sorted(sel.kept), error=float(sel.error), error_original_columns=untouched,
-        target_sq=float(stats.target_sq), tokens=int(stats.count), curve=sel.relative_curve.tolist(),
+        target_sq=float(stats.target_sq), tokens=int(stats.tokens), curve=sel.relative_curve.tolist(),
         diagnostics=sel.diagnostics,
     )
 
@@ -131,7 +145,8 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
         original = copy.deepcopy(block) if sites and cfg.variant != "sequential" else block
         for site in sites:
             t0 = time.perf_counter()
-            stats = collect_statistics(site, adapter, block, original, inputs, x_orig, x_pruned, cfg.variant, device, dtype)
+            stats = collect_statistics(site, adapter, block, original, inputs, x_orig, x_pruned, cfg.variant, device,
+                                       dtype, cfg.token_weights)
             t1 = time.perf_counter()
             report = _prune_site(site, adapter, block, stats, cfg, i)
             report.seconds_statistics, report.seconds_selection = t1 - t0, time.perf_counter() - t1
@@ -168,14 +183,18 @@ def curve_pass(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
             sites.insert(0, attention_site(adapter, model.config, f"{name}.attention", costs.heads, costs.kv_heads,
                                            cfg.attention_mode))
         for site in sites:
-            stats = collect_statistics(site, adapter, block, block, inputs, x, None, "layerwise", device, dtype)
+            stats = collect_statistics(site, adapter, block, block, inputs, x, None, "layerwise", device, dtype,
+                                       cfg.token_weights)
             weight = adapter.weight(block.get_submodule(site.consumer)).detach().to(stats.gram)
             prior = weight if cfg.damp_to_original else None
+            # Weighted errors are already relative (to the residual stream, token by token): compare sites by
+            # their mean over tokens. Unweighted ones are made relative to the site's own output.
+            per_token = float(stats.tokens) if cfg.token_weights == "residual" else None
             if site.kind == "mlp":
                 sel = greedy_select(stats, costs.mlp_width, damping=cfg.damping, bias_shift=False, prior=prior,
                                     site=site.name)
                 floor = max(cfg.mlp_multiple, int(cfg.min_width_fraction * costs.mlp_width))
-                widths, params, errors = mlp_options(sel.curve.tolist(), sel.target_sq, costs.mlp_width,
+                widths, params, errors = mlp_options(sel.curve.tolist(), per_token or sel.target_sq, costs.mlp_width,
                                                      costs.per_neuron, cfg.mlp_multiple, floor)
             else:
                 widths, params, errors = [], [], []
@@ -186,7 +205,7 @@ def curve_pass(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
                         sel = greedy_select(stats, att.keep, groups=att.groups, damping=cfg.damping, bias_shift=False,
                                             partition=att.partition, per_class=att.per_class, prior=prior,
                                             site=site.name)
-                        error = float(sel.curve[-1]) / max(sel.target_sq, 1e-30)
+                        error = float(sel.curve[-1]) / max(per_token or sel.target_sq, 1e-30)
                     widths.append((heads, kv_heads))
                     params.append(heads * costs.per_query_head + kv_heads * costs.per_kv_head)
                     errors.append(error)

@@ -45,9 +45,14 @@ class SiteStatistics:
         gram: ``sum_t b_t b_t^T`` (d x d).
         cross: ``sum_t b_t y_t^T`` (d x m).
         target_sq: ``sum_t ||y_t||^2`` (0-dim tensor).
-        count: number of tokens (0-dim tensor, kept as a float so that it reduces like the others).
+        count: total token weight ``sum_t w_t`` (the number of tokens when unweighted; 0-dim, kept as a
+            float so that it reduces like the others).
         input_sum: ``sum_t b_t`` (d), for the bias shift.
         target_sum: ``sum_t y_t`` (m), for the bias shift.
+        tokens: number of tokens, whatever their weights.
+
+    With token weights ``w_t`` every sum is weighted (``G = sum_t w_t b_t b_t^T`` and so on), so the problem
+    becomes a weighted least squares and everything downstream (centring, greedy, refit) is unchanged.
     """
 
     gram: torch.Tensor
@@ -56,17 +61,19 @@ class SiteStatistics:
     count: torch.Tensor
     input_sum: torch.Tensor
     target_sum: torch.Tensor
+    tokens: torch.Tensor
 
     @classmethod
     def zeros(cls, d: int, m: int, *, device=None, dtype: torch.dtype = torch.float64) -> "SiteStatistics":
         z = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
-        return cls(z(d, d), z(d, m), z(()), z(()), z(d), z(m))
+        return cls(z(d, d), z(d, m), z(()), z(()), z(d), z(m), z(()))
 
     @classmethod
-    def from_activations(cls, inputs: torch.Tensor, targets: torch.Tensor, *, dtype=torch.float64) -> "SiteStatistics":
+    def from_activations(cls, inputs: torch.Tensor, targets: torch.Tensor, *, weights: torch.Tensor | None = None,
+                         dtype=torch.float64) -> "SiteStatistics":
         """Statistics of one batch: ``inputs`` (n x d) are the b_t, ``targets`` (n x m) the y_t."""
         stats = cls.zeros(inputs.shape[-1], targets.shape[-1], device=inputs.device, dtype=dtype)
-        stats.update(inputs, targets)
+        stats.update(inputs, targets, weights=weights)
         return stats
 
     @property
@@ -78,23 +85,32 @@ class SiteStatistics:
         return self.cross.shape[1]
 
     @torch.no_grad()
-    def update(self, inputs: torch.Tensor, targets: torch.Tensor, *, compute_dtype: torch.dtype | None = None) -> None:
-        """Add a batch of token rows. The products run in ``compute_dtype`` (default: the inputs' dtype
-        promoted to at least fp32) and are summed into the accumulators' dtype, so a bf16 model still
-        accumulates in fp32 or fp64."""
+    def update(self, inputs: torch.Tensor, targets: torch.Tensor, *, weights: torch.Tensor | None = None,
+               compute_dtype: torch.dtype | None = None) -> None:
+        """Add a batch of token rows, each with an optional weight ``w_t >= 0``. The products run in
+        ``compute_dtype`` (default: the inputs' dtype promoted to at least fp32) and are summed into the
+        accumulators' dtype, so a bf16 model still accumulates in fp32 or fp64."""
         inputs, targets = inputs.flatten(0, -2), targets.flatten(0, -2)  # tokens x features
         if inputs.shape[0] != targets.shape[0]:
             raise ValueError(f"inputs have {inputs.shape[0]} tokens but targets have {targets.shape[0]}")
         dt = compute_dtype or torch.promote_types(inputs.dtype, torch.float32)
         b = inputs.to(device=self.gram.device, dtype=dt)
         y = targets.to(device=self.gram.device, dtype=dt)
+        if weights is None:
+            w = torch.ones(b.shape[0], 1, device=b.device, dtype=dt)
+        else:
+            w = weights.reshape(-1, 1).to(device=b.device, dtype=dt)
+            if w.shape[0] != b.shape[0] or bool((w < 0).any()):  # NaN passes: check_finite names it
+                raise ValueError(f"weights must be {b.shape[0]} non-negative numbers, one per token")
+        wb = b * w
         acc = self.gram.dtype
-        self.gram += (b.T @ b).to(acc)
-        self.cross += (b.T @ y).to(acc)
-        self.target_sq += y.to(acc).square().sum()
-        self.count += b.shape[0]
-        self.input_sum += b.sum(0).to(acc)
-        self.target_sum += y.sum(0).to(acc)
+        self.gram += (wb.T @ b).to(acc)
+        self.cross += (wb.T @ y).to(acc)
+        self.target_sq += (w * y.square()).to(acc).sum()
+        self.count += w.to(acc).sum()
+        self.tokens += b.shape[0]
+        self.input_sum += wb.sum(0).to(acc)
+        self.target_sum += (w * y).sum(0).to(acc)
 
     def __add__(self, other: "SiteStatistics") -> "SiteStatistics":
         return SiteStatistics(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -142,6 +158,7 @@ class SiteStatistics:
             count=gram_stats.count,
             input_sum=gram_stats.input_sum,
             target_sum=w @ gram_stats.input_sum,
+            tokens=gram_stats.tokens,
         )
 
 

@@ -72,10 +72,11 @@ def test_recipe_and_flags(model_dir, tmp_path):
     text.write_text(_corpus())
     out = tmp_path / "pruned"
     run = _run("prune", str(model_dir), "--output", str(out), "--recipe", str(recipe), "--calibration", str(text),
-               "--no-refit", "--seed", "3", "--quiet", cwd=tmp_path)
+               "--no-refit", "--seed", "3", "--token-weights", "none", "--quiet", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     cfg = json.loads((out / "subprune_report.json").read_text())["config"]
-    assert (cfg["method"], cfg["refit"], cfg["seed"], cfg["mlp_sparsity"]) == ("flap", False, 3, 0.5)
+    assert (cfg["method"], cfg["refit"], cfg["seed"], cfg["mlp_sparsity"], cfg["token_weights"]) == (
+        "flap", False, 3, 0.5, "none")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -14,6 +14,7 @@ from hf_subprune.budget import site_costs
 from hf_subprune.capture import find_blocks
 from hf_subprune.export import auto_class_for
 from hf_subprune.heterogeneous import layer_widths
+from hf_subprune.runner import residual_weights
 from hf_subprune.selection import NonFiniteStatisticsError
 
 from conftest import calibration_ids, outputs, tiny_config, tiny_model
@@ -129,6 +130,19 @@ def test_results_do_not_depend_on_batch_size():
     torch.testing.assert_close(weights[0], weights[2], rtol=1e-4, atol=1e-5)
 
 
+def test_residual_weights_discount_massive_tokens():
+    """A token whose residual stream is 100x larger (an attention sink) gets ~1e-4 of the weight; the others
+    keep 1 / (ms(h) + ms(y))."""
+    gen = torch.Generator().manual_seed(0)
+    h, y = torch.randn(2, 5, 8, generator=gen), torch.randn(10, 8, generator=gen)
+    plain = residual_weights(h, y)
+    torch.testing.assert_close(plain, 1 / (h.reshape(10, 8).square().mean(-1) + y.square().mean(-1)))
+    h[0, 3] *= 100
+    sink = residual_weights(h, y)
+    assert sink[3] < 2e-4 * plain[3]
+    torch.testing.assert_close(sink[torch.arange(10) != 3], plain[torch.arange(10) != 3])
+
+
 def test_nan_activations_raise_a_clear_error():
     model = tiny_model("llama")
     with torch.no_grad():
@@ -147,6 +161,7 @@ def test_unsupported_architecture_lists_supported_types():
 
 @pytest.mark.parametrize("bad", [{"sparsity": 1.0}, {"sparsity": -0.1}, {"mlp_sparsity": 1.5}, {},
                                  {"sparsity": 0.2, "method": "nope"}, {"sparsity": 0.2, "variant": "x"},
+                                 {"sparsity": 0.2, "token_weights": "uniform"},
                                  {"sparsity": 0.2, "unknown_key": 1}])
 def test_bad_config_is_refused(bad):
     with pytest.raises((ValueError, TypeError)):

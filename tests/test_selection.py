@@ -304,6 +304,36 @@ def test_statistics_merge_by_add_and_iadd():
     assert_curve_close(sel_merged.curve, sel_whole.curve, float(whole.target_sq), rtol=1e-9)
 
 
+def test_weighted_statistics_equal_repeated_tokens():
+    """Integer token weights give the sums (and so the selection and the bias shift) of the tokens repeated
+    that many times; the token count stays the number of rows."""
+    b, y, _, _ = asymmetric_problem(3, n=120, d=16, m=5)
+    reps = torch.randint(0, 4, (120,), generator=torch.Generator().manual_seed(0))
+    weighted = SiteStatistics.from_activations(b, y, weights=reps.to(F64))
+    repeated = SiteStatistics.from_activations(b.repeat_interleave(reps, 0), y.repeat_interleave(reps, 0))
+    for name in ("gram", "cross", "target_sq", "count", "input_sum", "target_sum"):
+        torch.testing.assert_close(getattr(weighted, name), getattr(repeated, name), rtol=1e-12, atol=1e-9)
+    assert float(weighted.tokens) == 120 and float(repeated.tokens) == float(reps.sum())
+    a = greedy_select(weighted, 6, damping=0.0, bias_shift=True)
+    c = greedy_select(repeated, 6, damping=0.0, bias_shift=True)
+    assert a.kept == c.kept
+    torch.testing.assert_close(a.bias_shift, c.bias_shift, rtol=1e-8, atol=1e-8)
+
+    # Streaming with weights gives the same sums as one batch.
+    streamed = SiteStatistics.zeros(16, 5)
+    for lo in range(0, 120, 50):
+        streamed.update(b[lo : lo + 50], y[lo : lo + 50], weights=reps[lo : lo + 50].to(F64))
+    assert_stats_close(streamed, weighted, rtol=1e-12, atol=1e-9)
+
+
+def test_weights_must_match_tokens_and_be_non_negative():
+    b, y, _, _ = asymmetric_problem(4, n=30, d=8, m=3)
+    with pytest.raises(ValueError, match="one per token"):
+        SiteStatistics.from_activations(b, y, weights=torch.ones(29, dtype=F64))
+    with pytest.raises(ValueError, match="non-negative"):
+        SiteStatistics.from_activations(b, y, weights=-torch.ones(30, dtype=F64))
+
+
 def test_statistics_to_dtype_round_trip():
     _, _, _, stats = asymmetric_problem(1, n=100, d=16, m=4)
     low = stats.to(dtype=torch.float32)
