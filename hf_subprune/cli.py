@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flag(p, "--token-weights", "token_weights", choices=["residual", "none"], show_default="residual")
     _config_flag(p, "--budget", "budget", choices=["uniform", "global"], show_default="uniform")
     _config_flag(p, "--mlp-multiple", "mlp_multiple", type=int, show_default=1)
+    _config_flag(p, "--min-width-fraction", "min_width_fraction", type=float, show_default=0.1)
     p.add_argument("--recipe", default=None, help="YAML/JSON recipe of PruneConfig keys; command-line flags win")
     _config_flag(p, "--seed", "seed", type=int, show_default=0)
     _config_flag(p, "--device", "device", show_default="cuda if available, else cpu")
@@ -122,7 +123,7 @@ def _prune(args) -> int:
 
     fields = ("sparsity", "mlp_sparsity", "attention_sparsity", "num_samples", "seq_len", "batch_size", "method",
               "variant", "attention_mode", "refit", "damping", "token_weights", "seed", "device", "budget",
-              "mlp_multiple")
+              "mlp_multiple", "min_width_fraction")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     config = PruneConfig.from_file(args.recipe, **overrides) if args.recipe else PruneConfig(**overrides)
     output = Path(args.output)

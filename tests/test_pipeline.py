@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +211,10 @@ def test_existing_output_folder_is_kept_unless_overwrite(tmp_path):
     result.save(target, overwrite=True)
     assert not (target / "precious.txt").exists() and (target / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left behind
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_load(recipe):
+    config = PruneConfig.from_file(recipe)
+    assert config.sparsity is not None and config.num_samples >= 1
