@@ -127,13 +127,18 @@ def _global_widths(model, adapter, inputs, config: PruneConfig, device, progress
     """Per-block widths from the sites' error curves on the original model (DESIGN.md s.4)."""
     _, blocks = find_blocks(model)
     options = curve_pass(model, adapter, inputs, config, device, progress)
-    total = sum(max(o.params) for o in options)
-    picks = allocate(options, int((1 - config.sparsity) * total))
     costs = site_costs(adapter, model.config, blocks[0])
+    # Never more than the uniform widths of the same sparsity keep, so that the two compare at equal size.
+    uniform = uniform_widths(adapter, model.config, blocks[0], config)
+    uniform_params = sum(uniform.mlp * costs.per_neuron if o.kind == "mlp" else
+                         uniform.heads * costs.per_query_head + uniform.kv_heads * costs.per_kv_head for o in options)
+    total = sum(max(o.params) for o in options)
+    picks = allocate(options, min(int((1 - config.sparsity) * total), uniform_params))
     widths = global_widths(options, picks, len(blocks), Widths(costs.mlp_width, costs.heads, costs.kv_heads))
     kept = sum(o.params[j] for o, j in zip(options, picks))
     widths[0].notes.append(f"global budget: kept widths remove {1 - kept / total:.2%} of the prunable parameters "
-                           f"(asked {config.sparsity:.0%}), allocated from the greedy error curves")
+                           f"(asked {config.sparsity:.0%}, at most as many kept as uniform widths would), "
+                           "allocated from the greedy error curves")
     if adapter.attention is None:
         widths[0].notes.append(f"sparsity applies to the MLPs only: {adapter.notes}")
     return widths
