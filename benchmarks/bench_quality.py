@@ -95,6 +95,12 @@ def _find(records: list[dict], label: str, sparsity: float) -> dict | None:
     return next((r for r in records if r["label"] == label and r["sparsity"] == sparsity), None)
 
 
+def _versus(a: float, b: float, better: str) -> str:
+    """How much better or worse ``a`` is than ``b``, as a percentage of ``b``."""
+    gain = (b - a) / b if better == "lower" else (a - b) / b
+    return f"{abs(gain):.1%} {'better' if gain >= 0 else 'worse'}"
+
+
 def _table(task: Task, records: list[dict], args) -> str:
     dense = next((r for r in records if r["label"] == "dense"), None)
     sparsities = sorted({r["sparsity"] for r in records if r["label"] != "dense"})
@@ -140,9 +146,7 @@ def _table(task: Task, records: list[dict], args) -> str:
             if ours and others:
                 other = (min if task.better == "lower" else max)(others, key=lambda r: r["quality"]["value"])
                 a, b = ours["quality"]["value"], other["quality"]["value"]
-                gain = (b - a) / b if task.better == "lower" else (a - b) / b
-                lines.append(f"- {s:.0%}: {a:.4f} vs {b:.4f} ({other['label']}): "
-                             f"{abs(gain):.1%} {'better' if gain >= 0 else 'worse'}")
+                lines.append(f"- {s:.0%}: {a:.4f} vs {b:.4f} ({other['label']}): {_versus(a, b, task.better)}")
     glob = next(r[0] for r in ROWS if r[4] == "global")
     pairs = [(s, _find(records, glob, s), _find(records, ROWS[0][0], s)) for s in sparsities]
     pairs = [(s, g, u) for s, g, u in pairs if g and u]
@@ -150,9 +154,8 @@ def _table(task: Task, records: list[dict], args) -> str:
         lines += ["", "Global budget against uniform widths (same method and variant, same parameter budget):"]
         for s, g, u in pairs:
             a, b = g["quality"]["value"], u["quality"]["value"]
-            gain = (b - a) / b if task.better == "lower" else (a - b) / b
             lines.append(f"- {s:.0%}: global {a:.4f} vs uniform {b:.4f} ({g['params']:,} vs {u['params']:,} "
-                         f"parameters): global is {abs(gain):.1%} {'better' if gain >= 0 else 'worse'}")
+                         f"parameters): global is {_versus(a, b, task.better)}")
     runs = [r for r in records if r["label"] != "dense"]
     if runs:
         first = runs[0]

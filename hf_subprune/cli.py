@@ -24,7 +24,7 @@ def _config_flag(parser, flag: str, field: str, **kw) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .baselines import METHODS
-    from .config import ATTENTION_MODES, VARIANTS
+    from .config import ATTENTION_MODES, BUDGETS, TOKEN_WEIGHTS, VARIANTS
 
     parser = argparse.ArgumentParser(prog="hf-subprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-refit", dest="refit", action="store_const", const=False, default=None,
                    help="keep the original consumer columns instead of the least-squares refit")
     _config_flag(p, "--damping", "damping", type=float, show_default=1e-2)
-    _config_flag(p, "--token-weights", "token_weights", choices=["residual", "none"], show_default="residual")
-    _config_flag(p, "--budget", "budget", choices=["uniform", "global"], show_default="uniform")
+    _config_flag(p, "--token-weights", "token_weights", choices=TOKEN_WEIGHTS, show_default="residual")
+    _config_flag(p, "--budget", "budget", choices=BUDGETS, show_default="uniform")
     _config_flag(p, "--mlp-multiple", "mlp_multiple", type=int, show_default=1)
     _config_flag(p, "--min-width-fraction", "min_width_fraction", type=float, show_default=0.1)
     p.add_argument("--recipe", default=None, help="YAML/JSON recipe of PruneConfig keys; command-line flags win")

@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PruneConfig", "VARIANTS", "ATTENTION_MODES", "DTYPES"]
+__all__ = ["PruneConfig", "VARIANTS", "ATTENTION_MODES", "DTYPES", "BUDGETS", "TOKEN_WEIGHTS"]
 
 VARIANTS = ("asymmetric", "sequential", "layerwise")
 ATTENTION_MODES = ("query_quota", "kv_group")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BUDGETS = ("uniform", "global")
+TOKEN_WEIGHTS = ("residual", "none")
 
 
 def _help(text: str, default: Any = None, **kw) -> Any:
@@ -99,7 +100,7 @@ class PruneConfig:
         self._choice("variant", VARIANTS)
         self._choice("attention_mode", ATTENTION_MODES)
         self._choice("budget", BUDGETS)
-        self._choice("token_weights", ("residual", "none"))
+        self._choice("token_weights", TOKEN_WEIGHTS)
         self._choice("stats_dtype", ("float64", "float32"))
         for name in ("num_samples", "seq_len", "batch_size", "mlp_multiple"):
             if int(getattr(self, name)) < 1:

@@ -96,21 +96,19 @@ class SiteStatistics:
         dt = compute_dtype or torch.promote_types(inputs.dtype, torch.float32)
         b = inputs.to(device=self.gram.device, dtype=dt)
         y = targets.to(device=self.gram.device, dtype=dt)
-        if weights is None:
-            w = torch.ones(b.shape[0], 1, device=b.device, dtype=dt)
-        else:
+        if weights is not None:
             w = weights.reshape(-1, 1).to(device=b.device, dtype=dt)
             if w.shape[0] != b.shape[0] or bool((w < 0).any()):  # NaN passes: check_finite names it
                 raise ValueError(f"weights must be {b.shape[0]} non-negative numbers, one per token")
-        wb = b * w
+        wb, wy = (b, y) if weights is None else (b * w, y * w)
         acc = self.gram.dtype
         self.gram += (wb.T @ b).to(acc)
         self.cross += (wb.T @ y).to(acc)
-        self.target_sq += (w * y.square()).to(acc).sum()
-        self.count += w.to(acc).sum()
+        self.target_sq += (wy * y).to(acc).sum()
+        self.count += b.shape[0] if weights is None else w.to(acc).sum()
         self.tokens += b.shape[0]
         self.input_sum += wb.sum(0).to(acc)
-        self.target_sum += (w * y).sum(0).to(acc)
+        self.target_sum += wy.sum(0).to(acc)
 
     def __add__(self, other: "SiteStatistics") -> "SiteStatistics":
         return SiteStatistics(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
