@@ -52,6 +52,7 @@ ROWS = [
     ("flap", "flap", "sequential", False, "uniform"),
     ("flap+refit", "flap", "sequential", True, "uniform"),
     ("greedy+refit (sequential), global budget", "greedy", "sequential", True, "global"),
+    ("greedy+refit (asymmetric), global budget", "greedy", "asymmetric", True, "global"),
 ]
 MAIN_ROWS = [r[0] for r in ROWS if r[4] == "uniform"]
 
@@ -138,7 +139,7 @@ def _table(task: Task, records: list[dict], args) -> str:
             cells.append(f"**{v:.4f}**" if v == best[s] else f"{v:.4f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     uniform = {r[0] for r in ROWS if r[4] == "uniform"}
-    for label, title in ((ROWS[0][0], "the default"), (ROWS[1][0], "the paper's variant")):
+    for label, title in ((ROWS[0][0], "the default"), (ROWS[1][0], "the paper's variant, with the residual drift")):
         lines += ["", f"{label} ({title}) against the best other uniform-width row:"]
         for s in sparsities:
             ours = _find(records, label, s)
@@ -147,15 +148,16 @@ def _table(task: Task, records: list[dict], args) -> str:
                 other = (min if task.better == "lower" else max)(others, key=lambda r: r["quality"]["value"])
                 a, b = ours["quality"]["value"], other["quality"]["value"]
                 lines.append(f"- {s:.0%}: {a:.4f} vs {b:.4f} ({other['label']}): {_versus(a, b, task.better)}")
-    glob = next(r[0] for r in ROWS if r[4] == "global")
-    pairs = [(s, _find(records, glob, s), _find(records, ROWS[0][0], s)) for s in sparsities]
-    pairs = [(s, g, u) for s, g, u in pairs if g and u]
+    pairs = [(s, g, _find(records, label.removesuffix(", global budget"), s))
+             for label in (r[0] for r in ROWS if r[4] == "global") for s in sparsities
+             if (g := _find(records, label, s))]
+    pairs = [(s, g, u) for s, g, u in pairs if u]
     if pairs:
         lines += ["", "Global budget against uniform widths (same method and variant, same parameter budget):"]
         for s, g, u in pairs:
             a, b = g["quality"]["value"], u["quality"]["value"]
-            lines.append(f"- {s:.0%}: global {a:.4f} vs uniform {b:.4f} ({g['params']:,} vs {u['params']:,} "
-                         f"parameters): global is {_versus(a, b, task.better)}")
+            lines.append(f"- {u['label']}, {s:.0%}: global {a:.4f} vs uniform {b:.4f} ({g['params']:,} vs "
+                         f"{u['params']:,} parameters): global is {_versus(a, b, task.better)}")
     runs = [r for r in records if r["label"] != "dense"]
     if runs:
         first = runs[0]

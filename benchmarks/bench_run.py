@@ -1,11 +1,12 @@
-"""Time and peak memory of one pruning run of SmolLM2-135M (greedy+refit, defaults), alone on the machine,
-and the perplexity it reaches (WikiText-2 test, the first --eval-tokens tokens in windows of 512).
+"""Time and peak memory of one pruning run of SmolLM2-135M (greedy+refit, defaults but --variant), alone on the
+machine, and the perplexity it reaches (WikiText-2 test, the first --eval-tokens tokens in windows of 512).
 
     python benchmarks/bench_run.py --sparsity 0.2 --num-samples 32 --seq-len 512
     python benchmarks/bench_run.py --sparsity 0.2 --num-samples 128 --seq-len 512   # the issue's calibration
+    python benchmarks/bench_run.py --sparsity 0.2 --num-samples 128 --seq-len 512 --variant asymmetric
 
-Rows accumulate in benchmarks/results/pruning_run_smollm2.json (one per sparsity and calibration size; a rerun
-replaces its row) and the table in pruning_run_smollm2.md is rewritten from them.
+Rows accumulate in benchmarks/results/pruning_run_smollm2.json (one per variant, sparsity and calibration size; a
+rerun replaces its row) and the table in pruning_run_smollm2.md is rewritten from them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from hf_subprune import prune  # noqa: E402
+from hf_subprune import PruneConfig, prune  # noqa: E402
+from hf_subprune.config import VARIANTS  # noqa: E402
 from hf_subprune.calibration import load_texts, token_blocks  # noqa: E402
 from hf_subprune.evaluation import perplexity  # noqa: E402
 from hf_subprune.loading import load_model  # noqa: E402
@@ -33,16 +35,24 @@ DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def _variant(row: dict) -> str:
+    return row.get("variant", "sequential")  # rows from before --variant ran the default, sequential
+
+
+def _key(row: dict) -> tuple:
+    return _variant(row), row["sparsity"], row["tokens"]
+
+
 def _table(rows: list[dict]) -> str:
     lines = [f"# One pruning run, {os.cpu_count()} CPU cores, torch {torch.__version__}", "",
-             "Greedy+refit with the default settings; perplexity on the first tokens of WikiText-2 test in windows "
+             "Greedy+refit with the default settings but the variant; perplexity on the first tokens of WikiText-2 test in windows "
              "of 512 (dense: 29.60 on 8192 tokens).", "",
-             "| model | sparsity | calibration | total s | statistics s | selection s | peak RSS GiB | "
+             "| model | variant | sparsity | calibration | total s | statistics s | selection s | peak RSS GiB | "
              "RSS after load GiB | perplexity |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in sorted(rows, key=lambda r: (r["sparsity"], r["tokens"])):
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(rows, key=lambda r: (r["sparsity"], r["tokens"], _variant(r))):
         ppl = f"{r['perplexity']:.2f} ({r['eval_tokens']} tokens)" if r.get("perplexity") else "-"
-        lines.append(f"| SmolLM2-135M | {r['sparsity']:.0%} | {r['num_samples']} x {r['seq_len']} = {r['tokens']} "
+        lines.append(f"| SmolLM2-135M | {_variant(r)} | {r['sparsity']:.0%} | {r['num_samples']} x {r['seq_len']} = {r['tokens']} "
                      f"tokens | {r['seconds']:.1f} | {r['seconds_statistics']:.1f} | {r['seconds_selection']:.1f} | "
                      f"{r['peak_rss_gib']:.2f} | {r['rss_after_load_gib']:.2f} | {ppl} |")
     return "\n".join(lines) + "\n"
@@ -53,16 +63,17 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.2)
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--variant", choices=VARIANTS, default=PruneConfig().variant)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="0: skip the perplexity")
     args = parser.parse_args()
     model, tok, _ = load_model("smollm2", dtype="float32")
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     ids = token_blocks(load_texts(str(DATA / "valid.txt")), tok, args.num_samples, args.seq_len)
     start = time.perf_counter()
-    result = prune(model, input_ids=ids, sparsity=args.sparsity, progress=False)
+    result = prune(model, input_ids=ids, sparsity=args.sparsity, variant=args.variant, progress=False)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    row = {"model": "SmolLM2-135M", "sparsity": args.sparsity, "num_samples": args.num_samples,
+    row = {"model": "SmolLM2-135M", "variant": args.variant, "sparsity": args.sparsity, "num_samples": args.num_samples,
            "seq_len": args.seq_len, "tokens": int(ids.numel()), "seconds": seconds,
            "seconds_statistics": sum(s.seconds_statistics for s in result.sites),
            "seconds_selection": sum(s.seconds_selection for s in result.sites), "peak_rss_gib": peak,
@@ -73,7 +84,7 @@ def main() -> None:
     path = RESULTS / "pruning_run_smollm2.json"
     rows = json.loads(path.read_text()) if path.exists() else []
     rows = rows if isinstance(rows, list) else []  # an older single-row file is replaced
-    rows = [r for r in rows if (r["sparsity"], r["tokens"]) != (row["sparsity"], row["tokens"])] + [row]
+    rows = [r for r in rows if _key(r) != _key(row)] + [row]
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=2))
     (RESULTS / "pruning_run_smollm2.md").write_text(_table(rows))

@@ -41,10 +41,11 @@ class PruneConfig:
     )
     variant: str = _help(
         "sequential (inputs and targets from the model pruned so far: every layer keeps its own response to "
-        "the drifted residual stream; the best variant on SmolLM2 and MiniLM, see benchmarks/results), asymmetric "
-        "(inputs from the pruned model, targets from the original: the paper's choice; on residual transformers "
-        "it loses to sequential at every calibration size measured) or layerwise (both from the original; one "
-        "calibration stream).",
+        "the drifted residual stream; the better variant on SmolLM2 at 20 and 30 percent sparsity and on MiniLM, "
+        "see benchmarks/results), asymmetric (inputs from the pruned model, target the original residual stream "
+        "after the site less the pruned one before it, so the refit also corrects the drift earlier cuts left: "
+        "the paper's variant extended to residual blocks; the better one on SmolLM2 at 10 and 50 percent) or "
+        "layerwise (both from the original; one calibration stream).",
         "sequential",
     )
     refit: bool = _help("Least-squares refit of the consumer layer on the kept channels.", True)

@@ -18,13 +18,13 @@ from tqdm.auto import tqdm
 from .adapters import Adapter
 from .baselines import select
 from .budget import SiteOptions, Widths, head_options, mlp_options, site_costs
-from .capture import BlockInputs, find_blocks, run_block
+from .capture import BlockInputs, HookSet, find_blocks, run_block
 from .config import PruneConfig
 from .selection import SiteStatistics, greedy_select, reconstruction_error
 from .sites import Site, attention_site, block_sites, mlp_site
 from .surgery import apply_selection
 
-__all__ = ["SiteReport", "prune_blocks", "curve_pass"]
+__all__ = ["SiteReport", "prune_blocks", "curve_pass", "site_inputs"]
 
 
 @dataclass
@@ -69,6 +69,19 @@ def _consumer_inputs(block: nn.Module, path: str, inputs: BlockInputs, hidden: l
     return box[0].reshape(-1, box[0].shape[-1])
 
 
+def site_inputs(block: nn.Module, site: Site, inputs: BlockInputs, hidden: list[torch.Tensor], index: int, device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The consumer's input and the residual stream the site's output is added to (both tokens x features),
+    from one partial forward of ``block`` on batch ``index``."""
+    seen: list[torch.Tensor] = []
+    with HookSet() as hooks:
+        if site.residual is not None:
+            hooks.pre_hook(block.get_submodule(site.residual), lambda module, args: seen.append(args[0]))
+        x = _consumer_inputs(block, site.consumer, inputs, hidden, index, device)
+    residual = seen[0] if seen else hidden[index].to(device)
+    return x, residual.reshape(-1, residual.shape[-1])
+
+
 def residual_weights(stream: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
     """Token weights ``1 / (ms(h_t) + ms(y_t))``: ``h_t`` the residual stream entering the block, ``y_t`` the
     site's output, ms the mean square over features. The weighted error is then the perturbation relative to
@@ -88,11 +101,15 @@ def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original:
     d = weight.shape[1]
     weighted = token_weights == "residual"
     if variant == "asymmetric":
+        # The target is the original model's residual stream after the site, less the pruned model's stream
+        # before it: the original output plus the drift that earlier cuts left in the residual stream, which
+        # this site's refit then corrects (without the drift term the fit would only undo the layer's own
+        # response to the drift, and the residual stream would keep the error).
         stats = SiteStatistics.zeros(d, weight.shape[0], device=device, dtype=dtype)
         for i in range(len(inputs.hidden)):
-            a = _consumer_inputs(original, site.consumer, inputs, x_orig, i, device)
-            b = _consumer_inputs(block, site.consumer, inputs, x_pruned, i, device)
-            y = a.float() @ weight.T
+            a, r_orig = site_inputs(original, site, inputs, x_orig, i, device)
+            b, r_pruned = site_inputs(block, site, inputs, x_pruned, i, device)
+            y = a.float() @ weight.T + (r_orig.float() - r_pruned.float())
             stats.update(b, y, weights=residual_weights(x_pruned[i], y) if weighted else None)
         _all_reduce(stats)
         return stats

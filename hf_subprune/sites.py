@@ -22,6 +22,8 @@ class Site:
         consumer: module path (relative to the block) whose input columns are refitted.
         groups: consumer input columns of each group (num_groups x group_size).
         keep: number of groups to keep.
+        residual: module path whose input is the residual stream the site's output is added to (None: the
+            block's input, as for attention).
         partition / per_class: grouped-query quota (class of each group, groups kept per class).
         producer_rows: for each producer path, the rows (output features) owned by each group
             (num_groups x rows_per_group).
@@ -33,6 +35,7 @@ class Site:
     groups: torch.Tensor
     keep: int
     producer_rows: dict[str, torch.Tensor]
+    residual: str | None = None
     partition: torch.Tensor | None = None
     per_class: int | None = None
 
@@ -91,7 +94,7 @@ def mlp_site(adapter: Adapter, name: str, width: int, keep: int) -> Site:
     spec = adapter.mlp
     neurons = _blocks_of(width, 1)
     return Site(kind="mlp", name=name, consumer=spec.consumer, groups=neurons, keep=keep,
-                producer_rows={p: neurons for p in spec.producers})
+                producer_rows={p: neurons for p in spec.producers}, residual=spec.residual)
 
 
 def block_sites(adapter: Adapter, config, block_name: str, widths, mlp_width: int, mode: str) -> list[Site]:

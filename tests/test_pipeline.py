@@ -12,11 +12,12 @@ import transformers
 from hf_subprune import PruneConfig, UnsupportedModelError, count_parameters, prune
 from hf_subprune.adapters import get_adapter
 from hf_subprune.budget import site_costs
-from hf_subprune.capture import find_blocks
+from hf_subprune.capture import capture_block_inputs, find_blocks, run_block
 from hf_subprune.export import auto_class_for
 from hf_subprune.heterogeneous import layer_widths
-from hf_subprune.runner import residual_weights
+from hf_subprune.runner import residual_weights, site_inputs
 from hf_subprune.selection import NonFiniteStatisticsError
+from hf_subprune.sites import attention_site, mlp_site
 
 from conftest import calibration_ids, outputs, tiny_config, tiny_model
 
@@ -129,6 +130,35 @@ def test_results_do_not_depend_on_batch_size():
     assert kept[0] == kept[1] == kept[2]
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weights[0], weights[2], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ALL_TYPES)
+def test_site_output_plus_declared_residual_is_the_next_stream(model_type):
+    """Each site's output added to the residual stream its adapter names gives the stream after the site
+    (then BERT's LayerNorm, the blocks being post-norm): what the asymmetric target's drift term relies on."""
+    model = tiny_model(model_type)
+    adapter, config = get_adapter(model.config), model.config
+    prefix, blocks = find_blocks(model)
+    block, inputs = blocks[0], capture_block_inputs(model, calibration_ids(4), 2, "cpu", "cpu")
+    heads, kv_heads = adapter.heads(config), adapter.kv_heads(config)
+    width = int(getattr(config, adapter.mlp.width_field) or 4 * config.hidden_size)
+    att = attention_site(adapter, config, "attention", heads, kv_heads, "kv_group")
+    mlp = mlp_site(adapter, "mlp", width, width)
+
+    def written(site, a, r):
+        out = r + block.get_submodule(site.consumer)(a)
+        if model_type in ("bert", "roberta"):
+            out = block.get_submodule(site.consumer.rsplit(".", 1)[0] + ".LayerNorm")(out)
+        return out
+
+    with torch.no_grad():
+        for index in range(len(inputs.hidden)):
+            a_att, r_att = site_inputs(block, att, inputs, inputs.hidden, index, "cpu")
+            a_mlp, r_mlp = site_inputs(block, mlp, inputs, inputs.hidden, index, "cpu")
+            after = run_block(block, inputs, inputs.hidden, index, "cpu")
+            torch.testing.assert_close(r_att, inputs.hidden[index].reshape(r_att.shape))
+            torch.testing.assert_close(written(att, a_att, r_att), r_mlp, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(written(mlp, a_mlp, r_mlp), after.reshape(r_mlp.shape), rtol=1e-5, atol=1e-5)
 
 
 def test_residual_weights_discount_massive_tokens():

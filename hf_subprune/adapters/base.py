@@ -26,11 +26,15 @@ class MlpSpec:
         producers: module paths, relative to the block, whose output features are the neurons.
         consumer: module path of the projection back to the hidden size.
         width_field: config field holding the neuron count (e.g. ``intermediate_size``).
+        residual: module path whose input is the residual stream the MLP's output is added to (the norm before
+            the MLP in pre-norm blocks, the MLP's first layer in BERT's post-norm blocks). The asymmetric variant
+            reads it to carry the drift of that stream into the target. Attention writes into the block input.
     """
 
     producers: tuple[str, ...]
     consumer: str
     width_field: str
+    residual: str
 
 
 HEAD_QUANTITIES = ("heads", "kv_heads", "groups", "width")

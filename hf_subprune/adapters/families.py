@@ -5,7 +5,8 @@ from .base import Adapter, AttentionSpec, MlpSpec, register_adapter
 LLAMA_LIKE = register_adapter(
     Adapter(
         model_types=("llama", "mistral", "qwen2", "qwen3"),
-        mlp=MlpSpec(producers=("mlp.gate_proj", "mlp.up_proj"), consumer="mlp.down_proj", width_field="intermediate_size"),
+        mlp=MlpSpec(producers=("mlp.gate_proj", "mlp.up_proj"), consumer="mlp.down_proj", width_field="intermediate_size",
+                   residual="post_attention_layernorm"),
         attention=AttentionSpec(
             query="self_attn.q_proj",
             key="self_attn.k_proj",
@@ -26,7 +27,8 @@ LLAMA_LIKE = register_adapter(
 BERT_LIKE = register_adapter(
     Adapter(
         model_types=("bert", "roberta"),
-        mlp=MlpSpec(producers=("intermediate.dense",), consumer="output.dense", width_field="intermediate_size"),
+        mlp=MlpSpec(producers=("intermediate.dense",), consumer="output.dense", width_field="intermediate_size",
+                   residual="intermediate.dense"),
         attention=AttentionSpec(
             query="attention.self.query",
             key="attention.self.key",
@@ -47,7 +49,7 @@ BERT_LIKE = register_adapter(
 GPT2 = register_adapter(
     Adapter(
         model_types=("gpt2",),
-        mlp=MlpSpec(producers=("mlp.c_fc",), consumer="mlp.c_proj", width_field="n_inner"),
+        mlp=MlpSpec(producers=("mlp.c_fc",), consumer="mlp.c_proj", width_field="n_inner", residual="ln_2"),
         attention=AttentionSpec(
             query="attn.c_attn",
             key="attn.c_attn",
