@@ -12,6 +12,7 @@ rerun replaces its row) and the table in pruning_run_smollm2.md is rewritten fro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -63,7 +64,8 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.2)
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--variant", choices=VARIANTS, default=PruneConfig().variant)
+    default = next(f.default for f in dataclasses.fields(PruneConfig) if f.name == "variant")
+    parser.add_argument("--variant", choices=VARIANTS, default=default)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="0: skip the perplexity")
     args = parser.parse_args()
     model, tok, _ = load_model("smollm2", dtype="float32")
