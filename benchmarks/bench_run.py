@@ -46,15 +46,15 @@ def _key(row: dict) -> tuple:
 
 def _table(rows: list[dict]) -> str:
     lines = [f"# One pruning run, {os.cpu_count()} CPU cores, torch {torch.__version__}", "",
-             "Greedy+refit with the default settings but the variant; perplexity on the first tokens of WikiText-2 test in windows "
-             "of 512 (dense: 29.60 on 8192 tokens).", "",
+             "Greedy+refit, default settings except the variant; perplexity on the first tokens of WikiText-2 test "
+             "in windows of 512 (dense: 29.60 on 8192 tokens).", "",
              "| model | variant | sparsity | calibration | total s | statistics s | selection s | peak RSS GiB | "
              "RSS after load GiB | perplexity |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rows, key=lambda r: (r["sparsity"], r["tokens"], _variant(r))):
         ppl = f"{r['perplexity']:.2f} ({r['eval_tokens']} tokens)" if r.get("perplexity") else "-"
-        lines.append(f"| SmolLM2-135M | {_variant(r)} | {r['sparsity']:.0%} | {r['num_samples']} x {r['seq_len']} = {r['tokens']} "
-                     f"tokens | {r['seconds']:.1f} | {r['seconds_statistics']:.1f} | {r['seconds_selection']:.1f} | "
+        lines.append(f"| SmolLM2-135M | {_variant(r)} | {r['sparsity']:.0%} | {r['num_samples']} x {r['seq_len']} "
+                     f"= {r['tokens']} tokens | {r['seconds']:.1f} | {r['seconds_statistics']:.1f} | {r['seconds_selection']:.1f} | "
                      f"{r['peak_rss_gib']:.2f} | {r['rss_after_load_gib']:.2f} | {ppl} |")
     return "\n".join(lines) + "\n"
 
@@ -75,8 +75,8 @@ def main() -> None:
     result = prune(model, input_ids=ids, sparsity=args.sparsity, variant=args.variant, progress=False)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    row = {"model": "SmolLM2-135M", "variant": args.variant, "sparsity": args.sparsity, "num_samples": args.num_samples,
-           "seq_len": args.seq_len, "tokens": int(ids.numel()), "seconds": seconds,
+    row = {"model": "SmolLM2-135M", "variant": args.variant, "sparsity": args.sparsity,
+           "num_samples": args.num_samples, "seq_len": args.seq_len, "tokens": int(ids.numel()), "seconds": seconds,
            "seconds_statistics": sum(s.seconds_statistics for s in result.sites),
            "seconds_selection": sum(s.seconds_selection for s in result.sites), "peak_rss_gib": peak,
            "rss_after_load_gib": rss_loaded, "cpus": os.cpu_count(), "torch": torch.__version__}

@@ -5,8 +5,8 @@ from .base import Adapter, AttentionSpec, MlpSpec, register_adapter
 LLAMA_LIKE = register_adapter(
     Adapter(
         model_types=("llama", "mistral", "qwen2", "qwen3"),
-        mlp=MlpSpec(producers=("mlp.gate_proj", "mlp.up_proj"), consumer="mlp.down_proj", width_field="intermediate_size",
-                   residual="post_attention_layernorm"),
+        mlp=MlpSpec(producers=("mlp.gate_proj", "mlp.up_proj"), consumer="mlp.down_proj",
+                   width_field="intermediate_size", residual="post_attention_layernorm"),
         attention=AttentionSpec(
             query="self_attn.q_proj",
             key="self_attn.k_proj",
