@@ -36,12 +36,8 @@ DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _variant(row: dict) -> str:
-    return row.get("variant", "sequential")  # rows from before --variant ran the default, sequential
-
-
 def _key(row: dict) -> tuple:
-    return _variant(row), row["sparsity"], row["tokens"]
+    return row["variant"], row["sparsity"], row["tokens"]
 
 
 def _table(rows: list[dict]) -> str:
@@ -51,9 +47,9 @@ def _table(rows: list[dict]) -> str:
              "| model | variant | sparsity | calibration | total s | statistics s | selection s | peak RSS GiB | "
              "RSS after load GiB | perplexity |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in sorted(rows, key=lambda r: (r["sparsity"], r["tokens"], _variant(r))):
+    for r in sorted(rows, key=lambda r: (r["sparsity"], r["tokens"], r["variant"])):
         ppl = f"{r['perplexity']:.2f} ({r['eval_tokens']} tokens)" if r.get("perplexity") else "-"
-        lines.append(f"| SmolLM2-135M | {_variant(r)} | {r['sparsity']:.0%} | {r['num_samples']} x {r['seq_len']} "
+        lines.append(f"| SmolLM2-135M | {r['variant']} | {r['sparsity']:.0%} | {r['num_samples']} x {r['seq_len']} "
                      f"= {r['tokens']} tokens | {r['seconds']:.1f} | {r['seconds_statistics']:.1f} | {r['seconds_selection']:.1f} | "
                      f"{r['peak_rss_gib']:.2f} | {r['rss_after_load_gib']:.2f} | {ppl} |")
     return "\n".join(lines) + "\n"
