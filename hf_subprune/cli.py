@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flag(p, "--seq-len", "seq_len", type=int, show_default=512)
     _config_flag(p, "--batch-size", "batch_size", type=int, show_default=8)
     _config_flag(p, "--method", "method", choices=sorted(METHODS), show_default="greedy")
-    _config_flag(p, "--variant", "variant", choices=VARIANTS, show_default="sequential")
+    _config_flag(p, "--variant", "variant", choices=VARIANTS, show_default="asymmetric")
     _config_flag(p, "--attention-mode", "attention_mode", choices=ATTENTION_MODES, show_default="query_quota")
     p.add_argument("--no-refit", dest="refit", action="store_const", const=False, default=None,
                    help="keep the original consumer columns instead of the least-squares refit")

@@ -40,13 +40,12 @@ class PruneConfig:
         "greedy",
     )
     variant: str = _help(
-        "sequential (inputs and targets from the model pruned so far: every layer keeps its own response to "
-        "the drifted residual stream; the better variant on SmolLM2 at 20 and 30 percent sparsity and on MiniLM, "
-        "see benchmarks/results), asymmetric (inputs from the pruned model, target the original residual stream "
-        "after the site less the pruned one before it, so the refit also corrects the drift earlier cuts left: "
-        "the paper's variant extended to residual blocks; the better one on SmolLM2 at 10 and 50 percent) or "
-        "layerwise (both from the original; one calibration stream).",
-        "sequential",
+        "asymmetric (inputs from the cut block, target the uncut block's output on the same block input, so the "
+        "MLP's refit also corrects the error the block's attention cut left: the paper's variant on residual "
+        "blocks), sequential (inputs and targets from the model pruned so far: every layer keeps its own "
+        "response to the cut stream; the same as asymmetric wherever a block's attention keeps all its heads) "
+        "or layerwise (both from the original model; one calibration stream). See benchmarks/results.",
+        "asymmetric",
     )
     refit: bool = _help("Least-squares refit of the consumer layer on the kept channels.", True)
     bias_shift: bool = _help(

@@ -1,7 +1,8 @@
-"""The block-by-block runner: statistics per site, selection, the cut, then both streams move on.
+"""The block-by-block runner: statistics per site, selection, the cut, then the stream moves on.
 
-Only the current block sits on the compute device. Two hidden-state streams are kept as the variant needs:
-the original model's (``x_orig``) and the pruned-so-far model's (``x_pruned``), each a list of batches.
+Only the current block sits on the compute device. One hidden-state stream (a list of batches) enters each
+block: the pruned-so-far model's (sequential, asymmetric) or the original model's (layerwise). The asymmetric
+variant also keeps an uncut copy of the current block, whose output on that same stream is its target.
 """
 
 from __future__ import annotations
@@ -94,31 +95,34 @@ def residual_weights(stream: torch.Tensor, outputs: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original: nn.Module, inputs: BlockInputs,
-                       x_orig, x_pruned, variant: str, device, dtype: torch.dtype,
+                       hidden: list[torch.Tensor], variant: str, device, dtype: torch.dtype,
                        token_weights: str = "none") -> SiteStatistics:
-    """Sum the site's statistics over this process's batches, then over processes."""
+    """Sum the site's statistics over this process's batches of ``hidden`` (the stream entering the block),
+    then over processes. ``block`` is the block as cut so far, ``original`` an uncut copy of it."""
     weight = adapter.weight(original.get_submodule(site.consumer)).to(device=device, dtype=torch.float32)
     d = weight.shape[1]
     weighted = token_weights == "residual"
     if variant == "asymmetric":
-        # The target is the original model's residual stream after the site, less the pruned model's stream
-        # before it: the original output plus the drift that earlier cuts left in the residual stream, which
-        # this site's refit then corrects (without the drift term the fit would only undo the layer's own
-        # response to the drift, and the residual stream would keep the error).
+        # Input from the cut block, target from the uncut one, both on the same block input: the target is the
+        # uncut block's residual stream after the site less the cut block's stream before it, i.e. the site's
+        # original output plus what the block's earlier cuts changed in the stream. The refit (of the MLP) then
+        # corrects the attention's pruning error rather than passing it on. Matching the original *model's*
+        # stream instead (the drift from every earlier block) fits calibration noise that compounds from
+        # block to block (README, "Variants").
         stats = SiteStatistics.zeros(d, weight.shape[0], device=device, dtype=dtype)
         for i in range(len(inputs.hidden)):
-            a, r_orig = site_inputs(original, site, inputs, x_orig, i, device)
-            b, r_pruned = site_inputs(block, site, inputs, x_pruned, i, device)
+            a, r_orig = site_inputs(original, site, inputs, hidden, i, device)
+            b, r_pruned = site_inputs(block, site, inputs, hidden, i, device)
             y = a.float() @ weight.T + (r_orig.float() - r_pruned.float())
-            stats.update(b, y, weights=residual_weights(x_pruned[i], y) if weighted else None)
+            stats.update(b, y, weights=residual_weights(hidden[i], y) if weighted else None)
         _all_reduce(stats)
         return stats
     # sequential / layerwise: a = b, so the input sums are enough (C = G W^T).
-    source, stream = (block, x_pruned) if variant == "sequential" else (original, x_orig)
+    source = block if variant == "sequential" else original
     stats = SiteStatistics.zeros(d, 0, device=device, dtype=dtype)
     for i in range(len(inputs.hidden)):
-        b = _consumer_inputs(source, site.consumer, inputs, stream, i, device)
-        w = residual_weights(stream[i], b.float() @ weight.T) if weighted else None
+        b = _consumer_inputs(source, site.consumer, inputs, hidden, i, device)
+        w = residual_weights(hidden[i], b.float() @ weight.T) if weighted else None
         stats.update(b, b[:, :0], weights=w)
     _all_reduce(stats)
     return SiteStatistics.from_inputs_only(stats, weight)
@@ -151,8 +155,7 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
     prefix, blocks = find_blocks(model)
     dtype = getattr(torch, cfg.stats_dtype)
     offload = torch.device(cfg.offload_device)
-    x_orig = inputs.hidden if cfg.variant != "sequential" else None
-    x_pruned = inputs.hidden if cfg.variant != "layerwise" else None
+    hidden = inputs.hidden
     mlp_width = adapter.weight(blocks[0].get_submodule(adapter.mlp.consumer)).shape[1]
     reports: list[SiteReport] = []
     bar = tqdm(range(len(blocks)), desc="pruning blocks", disable=not progress)
@@ -162,19 +165,17 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
         original = copy.deepcopy(block) if sites and cfg.variant != "sequential" else block
         for site in sites:
             t0 = time.perf_counter()
-            stats = collect_statistics(site, adapter, block, original, inputs, x_orig, x_pruned, cfg.variant, device,
-                                       dtype, cfg.token_weights)
+            stats = collect_statistics(site, adapter, block, original, inputs, hidden, cfg.variant, device, dtype,
+                                       cfg.token_weights)
             t1 = time.perf_counter()
             report = _prune_site(site, adapter, block, stats, cfg, i)
             report.seconds_statistics, report.seconds_selection = t1 - t0, time.perf_counter() - t1
             reports.append(report)
             bar.set_postfix({site.kind: f"rel.err {report.relative_error:.3f}"})
             del stats
-        # Move the streams on with hooks off: the original block for x_orig, the cut one for x_pruned.
-        if x_orig is not None:
-            x_orig = [run_block(original, inputs, x_orig, j, device).to(offload) for j in range(len(x_orig))]
-        if x_pruned is not None:
-            x_pruned = [run_block(block, inputs, x_pruned, j, device).to(offload) for j in range(len(x_pruned))]
+        # Move the stream on with hooks off: through the original block (layerwise) or the cut one.
+        mover = original if cfg.variant == "layerwise" else block
+        hidden = [run_block(mover, inputs, hidden, j, device).to(offload) for j in range(len(hidden))]
         blocks[i].to(offload)
         del original
     return reports
@@ -200,7 +201,7 @@ def curve_pass(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
             sites.insert(0, attention_site(adapter, model.config, f"{name}.attention", costs.heads, costs.kv_heads,
                                            cfg.attention_mode))
         for site in sites:
-            stats = collect_statistics(site, adapter, block, block, inputs, x, None, "layerwise", device, dtype,
+            stats = collect_statistics(site, adapter, block, block, inputs, x, "layerwise", device, dtype,
                                        cfg.token_weights)
             weight = adapter.weight(block.get_submodule(site.consumer)).detach().to(stats.gram)
             prior = weight if cfg.damp_to_original else None

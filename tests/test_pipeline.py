@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -159,6 +160,35 @@ def test_site_output_plus_declared_residual_is_the_next_stream(model_type):
             torch.testing.assert_close(r_att, inputs.hidden[index].reshape(r_att.shape))
             torch.testing.assert_close(written(att, a_att, r_att), r_mlp, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(written(mlp, a_mlp, r_mlp), after.reshape(r_mlp.shape), rtol=1e-5, atol=1e-5)
+
+
+def _block_output(block, inputs, index):
+    out = block(inputs.hidden[index], *inputs.args[index], **inputs.kwargs[index])
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@pytest.mark.parametrize("model_type", [*GQA_TYPES, "gpt2"])
+def test_asymmetric_refit_is_least_squares_on_the_uncut_block_output(model_type):
+    """The asymmetric MLP target is the uncut block's output on the cut model's input to that block (the
+    block's own attention error included, not the drift of earlier blocks), so after the refit the squared
+    distance between the cut and the uncut last block, on that input, is stationary in the MLP's consumer
+    weights; the sequential refit, which only keeps the MLP's own response to the cut attention, is not
+    (pre-norm blocks, where the MLP writes the block output)."""
+    grads = {}
+    for variant in ("asymmetric", "sequential"):
+        model = tiny_model(model_type)
+        _, blocks = find_blocks(model)
+        uncut = copy.deepcopy(blocks[-1])
+        prune(model, input_ids=calibration_ids(), mlp_sparsity=0.3, attention_sparsity=0.5, variant=variant,
+              token_weights="none", damping=1e-8, progress=False)
+        inputs = capture_block_inputs(model, calibration_ids(), 8, "cpu", "cpu")
+        for block in blocks[:-1]:
+            inputs.hidden = [run_block(block, inputs, inputs.hidden, i, "cpu") for i in range(len(inputs.hidden))]
+        loss = sum((_block_output(blocks[-1], inputs, i) - _block_output(uncut, inputs, i).detach()).square().sum()
+                   for i in range(len(inputs.hidden)))
+        loss.backward()
+        grads[variant] = float(blocks[-1].get_submodule(get_adapter(model.config).mlp.consumer).weight.grad.norm())
+    assert grads["asymmetric"] < 1e-3 * grads["sequential"]
 
 
 def test_residual_weights_discount_massive_tokens():

@@ -28,7 +28,8 @@ class MlpSpec:
         width_field: config field holding the neuron count (e.g. ``intermediate_size``).
         residual: module path whose input is the residual stream the MLP's output is added to (the norm before
             the MLP in pre-norm blocks, the MLP's first layer in BERT's post-norm blocks). The asymmetric variant
-            reads it to carry the drift of that stream into the target. Attention writes into the block input.
+            reads it to carry the attention's pruning error into the MLP's target. Attention writes into the
+            block input.
     """
 
     producers: tuple[str, ...]
