@@ -181,11 +181,14 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=65536)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--fresh", action="store_true", help="ignore rows already measured")
+    parser.add_argument("--name", help="results file stem (default quality_MODEL): keeps a run with other "
+                        "settings, e.g. more evaluation tokens, out of the main table")
     args = parser.parse_args()
     if not DATA.exists():
         raise SystemExit(f"the shared data folder {DATA} is absent")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    jsonl = RESULTS / f"quality_{args.model}.jsonl"
+    stem = args.name or f"quality_{args.model}"
+    jsonl = RESULTS / f"{stem}.jsonl"
     records = [] if args.fresh or not jsonl.exists() else [json.loads(l) for l in jsonl.read_text().splitlines() if l]
     if args.fresh and jsonl.exists():
         jsonl.unlink()
@@ -196,7 +199,7 @@ def main() -> None:
         records.append(rec)
         with jsonl.open("a") as f:
             f.write(json.dumps(rec) + "\n")
-        (RESULTS / f"quality_{args.model}.md").write_text(_table(task, records, args))
+        (RESULTS / f"{stem}.md").write_text(_table(task, records, args))
         print(f"{rec['label']:<28} {rec['sparsity']:>5.0%}  {task.metric} {rec['quality']['value']:.4f}  "
               f"({rec.get('seconds', 0):.0f} s)", flush=True)
 
@@ -223,7 +226,7 @@ def main() -> None:
                     "mean_relative_error": sum(s.relative_error for s in result.sites) / max(len(result.sites), 1)})
             del model, result
     table = _table(task, records, args)
-    (RESULTS / f"quality_{args.model}.md").write_text(table)
+    (RESULTS / f"{stem}.md").write_text(table)
     print(table)
 
 

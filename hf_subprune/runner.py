@@ -108,7 +108,7 @@ def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original:
         # original output plus what the block's earlier cuts changed in the stream. The refit (of the MLP) then
         # corrects the attention's pruning error rather than passing it on. Matching the original *model's*
         # stream instead (the drift from every earlier block) fits calibration noise that compounds from
-        # block to block (README, "Variants").
+        # block to block (README, "The method").
         stats = SiteStatistics.zeros(d, weight.shape[0], device=device, dtype=dtype)
         for i in range(len(inputs.hidden)):
             a, r_orig = site_inputs(original, site, inputs, hidden, i, device)
