@@ -163,12 +163,9 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
         block = blocks[i].to(device)
         sites = block_sites(adapter, model.config, f"{prefix}.{i}", widths[i], mlp_width, cfg.attention_mode)
         original = copy.deepcopy(block) if sites and cfg.variant != "sequential" else block
-        for k, site in enumerate(sites):
-            # Before the block's first cut, block and original agree, so every variant's statistics are the
-            # input-only sums (one partial forward per batch instead of two for the asymmetric variant).
-            variant = cfg.variant if k else "sequential"
+        for site in sites:
             t0 = time.perf_counter()
-            stats = collect_statistics(site, adapter, block, original, inputs, hidden, variant, device, dtype,
+            stats = collect_statistics(site, adapter, block, original, inputs, hidden, cfg.variant, device, dtype,
                                        cfg.token_weights)
             t1 = time.perf_counter()
             report = _prune_site(site, adapter, block, stats, cfg, i)
