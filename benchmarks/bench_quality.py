@@ -102,7 +102,7 @@ def _find(records: list[dict], label: str, sparsity: float) -> dict | None:
 def _versus(a: float, b: float, better: str) -> str:
     """How much better or worse ``a`` is than ``b``, as a percentage of ``b``."""
     gain = (b - a) / b if better == "lower" else (a - b) / b
-    return f"{abs(gain):.1%} {'better' if gain >= 0 else 'worse'}"
+    return f"{abs(gain):.2%} {'better' if gain >= 0 else 'worse'}"
 
 
 def _table(task: Task, records: list[dict], args) -> str:
