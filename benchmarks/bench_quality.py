@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--fresh", action="store_true", help="ignore rows already measured")
     parser.add_argument("--name", help="results file stem (default quality_MODEL): keeps a run with other "
-                        "settings, e.g. more evaluation tokens, out of the main table")
+                        "settings, e.g. another evaluation length, out of the main table")
     args = parser.parse_args()
     if not DATA.exists():
         raise SystemExit(f"the shared data folder {DATA} is absent")
