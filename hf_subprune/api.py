@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
+from .baselines import METHODS, Method
 from .budget import Widths, allocate, global_widths, site_costs, uniform_widths
 from .calibration import fingerprint, load_texts, shard, token_blocks
 from .capture import capture_block_inputs, find_blocks
@@ -33,7 +34,7 @@ class PruneResult:
 
     model: nn.Module
     tokenizer: Any
-    config: PruneConfig
+    config: PruneConfig  # as run: a published method's own settings replace the asked ones (the notes say which)
     widths: list[Widths]  # per block
     widths_before: dict
     sites: list[SiteReport]
@@ -144,6 +145,18 @@ def _global_widths(model, adapter, inputs, config: PruneConfig, device, progress
     return widths
 
 
+def _method_notes(method: Method, asked: PruneConfig) -> list[str]:
+    """How a published method ran, and which of the asked settings it replaced with its own."""
+    if not method.published:
+        return []
+    replaced = [f"{name}={value} (asked {getattr(asked, name)})" for name, value in method.settings.items()
+                if getattr(asked, name) != value]
+    notes = [method.note]
+    if replaced:
+        notes.append(f"{method.name} fixes its own settings: " + ", ".join(replaced))
+    return notes
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -178,6 +191,9 @@ def prune(
         config: a ``PruneConfig``; keyword ``overrides`` build or update one (``prune(m, tok, sparsity=0.2)``).
         input_ids: ready token blocks (num_samples x seq_len) instead of ``calibration``.
 
+    A published baseline (``config.method``, see ``baselines.METHODS``) runs with the settings it fixes, whatever
+    ``config`` says; ``PruneResult.config`` holds the settings as run and the notes say what was replaced.
+
     Under ``accelerate launch`` each process calibrates on its share of the samples and the statistics are
     summed across processes, so every process ends with the same pruned model.
     """
@@ -185,6 +201,8 @@ def prune(
         config = PruneConfig(**overrides)
     elif overrides:
         config = PruneConfig.from_dict({**config.to_dict(), **overrides})
+    method = METHODS[config.method]
+    asked, config = config, PruneConfig.from_dict({**config.to_dict(), **method.settings})
     adapter = get_adapter(model.config)
     start = time.perf_counter()
     input_ids_given = input_ids is not None
@@ -207,12 +225,18 @@ def prune(
     try:
         inputs = capture_block_inputs(model, shard(input_ids, rank, world), config.batch_size, device,
                                       torch.device(config.offload_device), progress=progress and rank == 0)
-        if config.budget == "global":
-            widths = _global_widths(model, adapter, inputs, config, device, progress and rank == 0)
+        if method.scope == "global":  # the method decides every width itself, in its own pass
+            from .published import MODEL_PASSES
+
+            widths, reports = MODEL_PASSES[method.name](model, adapter, inputs, config, device, progress and rank == 0)
         else:
-            uniform = uniform_widths(adapter, model.config, blocks[0], config)
-            widths = [uniform] * len(blocks)
-        reports = prune_blocks(model, adapter, inputs, config, widths, device, progress=progress and rank == 0)
+            if config.budget == "global":
+                widths = _global_widths(model, adapter, inputs, config, device, progress and rank == 0)
+            else:
+                uniform = uniform_widths(adapter, model.config, blocks[0], config)
+                widths = [uniform] * len(blocks)
+            reports = prune_blocks(model, adapter, inputs, config, widths, device, progress=progress and rank == 0)
+        widths[0].notes[:0] = _method_notes(method, asked)
     finally:
         model.train(was_training)
     if len({(w.mlp, w.heads, w.kv_heads) for w in widths}) == 1:

@@ -36,7 +36,12 @@ class PruneConfig:
         "Fraction of attention heads to remove (overrides `sparsity` for attention)."
     )
     method: str = _help(
-        "Selection method: greedy (the submodular method), or a baseline: random, magnitude, wanda-sp, flap.",
+        "Selection method: greedy (the submodular method); a published baseline run as its paper's code runs it, "
+        "fixing its own settings whatever the others here say (flap: dense-model statistics, one global "
+        "allocation over layers and site types from `sparsity`, bias compensation, no refit; wanda-sp, magnitude, "
+        "random, layer-greedy-fs: uniform widths on the pruned-so-far stream, unweighted, no refit); or a hybrid "
+        "that ranks each site by a baseline's score and then refits like greedy (flap-score, wanda-sp-score, "
+        "magnitude-score, random-score). The report's notes say which settings a method fixed.",
         "greedy",
     )
     variant: str = _help(
@@ -97,6 +102,12 @@ class PruneConfig:
 
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if METHODS[self.method].scope == "global" and (
+                self.sparsity is None or self.mlp_sparsity is not None or self.attention_sparsity is not None):
+            raise ValueError(
+                f"method {self.method!r} takes one overall `sparsity` (the fraction of the MLP + attention parameters "
+                "to remove) and decides itself how much each layer and site type loses, by one global ranking of "
+                "heads and neurons; mlp_sparsity / attention_sparsity cannot be honoured: give sparsity alone")
         self._choice("variant", VARIANTS)
         self._choice("attention_mode", ATTENTION_MODES)
         self._choice("budget", BUDGETS)

@@ -25,7 +25,7 @@ from .selection import SiteStatistics, greedy_select, reconstruction_error
 from .sites import Site, attention_site, block_sites, mlp_site
 from .surgery import apply_selection
 
-__all__ = ["SiteReport", "prune_blocks", "curve_pass", "site_inputs"]
+__all__ = ["SiteReport", "prune_blocks", "curve_pass", "site_inputs", "all_reduce_sum"]
 
 
 @dataclass
@@ -57,11 +57,16 @@ class SiteReport:
         return out
 
 
+def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sum tensors over processes in place (nothing to do in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
 def _all_reduce(stats: SiteStatistics) -> None:
     """Sum the statistics over processes (one reduction per site)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for tensor in stats.tensors():
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    all_reduce_sum(stats.tensors())
 
 
 def _consumer_inputs(block: nn.Module, path: str, inputs: BlockInputs, hidden: list[torch.Tensor], index: int, device):

@@ -381,13 +381,22 @@ def check_budget(k: int, layout: GroupLayout, partition, per_class) -> tuple[int
     return k, partition
 
 
-class _Picker:
-    """Which group a greedy step takes: the best live candidate, ties to the lowest index, within quotas."""
+TIE_RTOL = 1e-4
+"""Gains within this relative margin of the best are a tie, taken by the lowest index. Near-equal gains are
+common (late MLP steps, similar heads); without a margin a rounding-level change in the statistics (another
+batch size, process count or accumulation order) flips such picks, and the flips compound over the blocks."""
 
-    def __init__(self, num_groups: int, partition: torch.Tensor | None, per_class: int | None, device) -> None:
+
+class _Picker:
+    """Which group a greedy step takes: among the live candidates whose gain is within ``rtol`` (relative)
+    of the best, the lowest index; within quotas."""
+
+    def __init__(self, num_groups: int, partition: torch.Tensor | None, per_class: int | None, device,
+                 rtol: float = TIE_RTOL) -> None:
         self.available = torch.ones(num_groups, dtype=torch.bool, device=device)
         self.partition = partition.to(device) if partition is not None else None
         self.per_class = per_class
+        self.rtol = rtol
         self.counts = (torch.zeros(int(partition.max()) + 1, dtype=torch.long, device=device)
                        if partition is not None else None)
 
@@ -395,7 +404,10 @@ class _Picker:
         candidates = self.available
         if self.partition is not None:
             candidates = candidates & (self.counts[self.partition] < self.per_class)
-        g = int(torch.argmax(torch.where(candidates, gain, torch.full_like(gain, -1.0))))  # first maximum
+        masked = torch.where(candidates, gain, torch.full_like(gain, -1.0))
+        best = masked.max()
+        near = candidates & (masked >= best - self.rtol * best.abs())
+        g = int(torch.argmax(near.to(torch.uint8)))  # the first (lowest-index) near-best candidate
         self.available[g] = False
         if self.partition is not None:
             self.counts[self.partition[g]] += 1
@@ -492,6 +504,7 @@ def greedy_select(
     per_class: int | None = None,
     prior: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    tie_rtol: float = TIE_RTOL,
     site: str = "site",
 ) -> Selection:
     """Greedy forward selection of ``k`` groups of input columns, then the least-squares refit.
@@ -519,6 +532,7 @@ def greedy_select(
         partition: class of each group (e.g. its kv head); with ``per_class`` keeps exactly that many
             groups in every class (grouped-query attention stays valid).
         dtype: dtype to solve in (default: the statistics' dtype; float32 and float64 both work).
+        tie_rtol: gains within this relative margin of the step's best tie; the lowest index wins (``TIE_RTOL``).
         site: name used in error messages.
     """
     stats.check_finite(site)
@@ -538,7 +552,7 @@ def greedy_select(
     gram_p = gram if identity else gram.index_select(0, order).index_select(1, order)
     cross_p = cross if identity else cross.index_select(0, order)
     own = prob.own if identity else prob.own[order]
-    picker = _Picker(ng, partition, per_class, device)
+    picker = _Picker(ng, partition, per_class, device, tie_rtol)
     run = _greedy_neurons if r == 1 else _greedy_groups
     kept, gains, dependent_picks = run(gram_p, cross_p, prob.lam, own, k, r, picker, _dependence_tol(dtype))
 

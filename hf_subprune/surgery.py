@@ -8,7 +8,8 @@ from torch import nn
 from .adapters import Adapter
 from .budget import Widths
 
-__all__ = ["cut_rows", "set_consumer", "apply_selection", "attention_widths", "set_head_attributes", "update_config"]
+__all__ = ["cut_rows", "set_consumer", "apply_selection", "attention_widths", "set_head_attributes", "update_config",
+           "add_consumer_bias"]
 
 
 def _param(tensor: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
@@ -87,3 +88,36 @@ def update_config(config, adapter: Adapter, widths: Widths) -> None:
             setattr(config, att.kv_heads_field, widths.kv_heads)
         if att.head_dim_field:
             setattr(config, att.head_dim_field, head_dim)
+
+
+@torch.no_grad()
+def add_consumer_bias(blocks, adapter: Adapter, kind: str, config) -> tuple[int, int] | None:
+    """Give every block's ``kind`` consumer a bias (for FLAP's bias compensation) through the family's config flag.
+
+    A stock flag adds biases to more than the consumer (Llama's ``attention_bias``: q, k, v and o;
+    ``mlp_bias``: gate, up and down), so every module it covers gets one, zero where it had none: the outputs
+    do not change, and the saved model loads with the stock classes (and the heterogeneous modeling file, which
+    builds the stock layers from the same flags). The cost is the zero biases: per layer, the q, k and v widths
+    with ``attention_bias`` and twice the MLP width with ``mlp_bias`` (4,032 per layer of SmolLM2-135M at full
+    width, 0.09% of its parameters), besides the consumer biases that carry the compensation.
+
+    Returns the parameters added to the consumers and to the other modules (``(0, 0)`` when the consumers already
+    have a bias), or None when they have none and the family declares no flag that would add one.
+    """
+    spec = adapter.spec(kind)
+    if all(getattr(block.get_submodule(spec.consumer), "bias", None) is not None for block in blocks):
+        return 0, 0
+    if spec.bias_field is None:
+        return None
+    added = {True: 0, False: 0}
+    for block in blocks:
+        for path in spec.biased_modules:
+            module = block.get_submodule(path)
+            if getattr(module, "bias", None) is None:
+                weight = module.weight
+                rows = adapter.weight(module).shape[0]
+                module.bias = nn.Parameter(torch.zeros(rows, dtype=weight.dtype, device=weight.device),
+                                           requires_grad=weight.requires_grad)
+                added[path == spec.consumer] += rows
+    setattr(config, spec.bias_field, True)
+    return added[True], added[False]

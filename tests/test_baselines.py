@@ -15,7 +15,8 @@ from hf_subprune.baselines import METHODS, group_scores, select
 from hf_subprune.selection import GroupLayout, NonFiniteStatisticsError, SiteStatistics, refit
 
 F64 = torch.float64
-ALL_METHODS = sorted(METHODS)
+# Methods that choose one site at a time (FLAP as published allocates over the whole model: test_published_baselines).
+ALL_METHODS = sorted(name for name, m in METHODS.items() if m.scope == "site")
 BASELINES = [name for name in ALL_METHODS if name != "greedy"]
 
 
@@ -23,10 +24,21 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_registry_holds_the_documented_methods():
-    assert {"greedy", "random", "magnitude", "wanda-sp", "flap"} <= set(METHODS)
-    assert METHODS["greedy"].score is None
-    assert METHODS["flap"].compensates_bias
-    assert not any(METHODS[name].compensates_bias for name in ALL_METHODS if name != "flap")
+    hybrids = {"random-score", "magnitude-score", "wanda-sp-score", "flap-score"}
+    published = {"random", "magnitude", "wanda-sp", "flap", "layer-greedy-fs"}
+    assert {"greedy"} | hybrids | published == set(METHODS)
+    assert METHODS["greedy"].score is None and METHODS["greedy"].pick is None
+    assert {name for name, m in METHODS.items() if m.published} == published
+    assert not any(METHODS[name].settings for name in hybrids | {"greedy"})
+    assert all(METHODS[name].settings["refit"] is False for name in published)
+    assert {name for name, m in METHODS.items() if m.compensates_bias} == {"flap", "flap-score"}
+    assert [name for name, m in METHODS.items() if m.scope != "site"] == ["flap"]
+
+
+def test_whole_model_methods_are_refused_per_site():
+    _, _, w, stats = correlated_problem(0, d=12)
+    with pytest.raises(ValueError, match="whole model"):
+        select("flap", stats, w, 4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,10 +189,10 @@ def test_refit_is_never_worse_than_the_original_columns(method, r, seed):
 
 
 @pytest.mark.parametrize("r", [1, 4])
-def test_flap_without_refit_compensates_the_bias(r):
+def test_flap_score_without_refit_compensates_the_bias(r):
     b, y, w, stats = correlated_problem(2)
     k = 48 // r // 2
-    sel = select("flap", stats, w, k, group_size=r, refit_weights=False)
+    sel = select("flap-score", stats, w, k, group_size=r, refit_weights=False)
     removed = torch.ones(48, dtype=torch.bool)
     removed[sel.kept_columns] = False
     expected = w[:, removed] @ b[:, removed].mean(0)
@@ -190,7 +202,7 @@ def test_flap_without_refit_compensates_the_bias(r):
     assert sel.error < direct_error(b, y, sel.kept_columns, sel.weight, torch.zeros(10, dtype=F64))
 
 
-@pytest.mark.parametrize("method", [m for m in ALL_METHODS if m != "flap"])
+@pytest.mark.parametrize("method", [m for m in ALL_METHODS if not METHODS[m].compensates_bias])
 def test_other_methods_without_refit_have_no_bias_shift(method):
     _, _, w, stats = correlated_problem(2)
     sel = select(method, stats, w, 20, refit_weights=False)
@@ -202,27 +214,30 @@ def test_other_methods_without_refit_have_no_bias_shift(method):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_random_is_seeded():
+@pytest.mark.parametrize("method", ["random", "random-score"])
+def test_random_is_seeded(method):
     _, _, w, stats = correlated_problem(0, d=240, n=50, m=4)
-    first = select("random", stats, w, 120, seed=5)
-    again = select("random", stats, w, 120, seed=5)
-    other = select("random", stats, w, 120, seed=6)
+    first = select(method, stats, w, 120, seed=5)
+    again = select(method, stats, w, 120, seed=5)
+    other = select(method, stats, w, 120, seed=6)
     assert first.kept == again.kept
     assert set(first.kept) != set(other.kept)
     assert set(first.kept) != set(range(120))  # not simply the first groups
 
 
+@pytest.mark.parametrize("method", ["magnitude", "magnitude-score"])
 @pytest.mark.parametrize("r", [1, 3])
-def test_magnitude_keeps_the_largest_norm_columns(r):
+def test_magnitude_keeps_the_largest_norm_columns(r, method):
     d, m, ng = 12 * r, 5, 12
     gen = torch.Generator().manual_seed(0)
     norms = torch.randperm(ng, generator=gen).to(F64) + 1.0  # distinct group norms 1..12
     direction = torch.randn(m, d, generator=gen, dtype=F64)
-    direction = direction / direction.view(m, ng, r).square().sum((0, 2)).sqrt().repeat_interleave(r)
-    w = direction * norms.repeat_interleave(r)  # group g has Frobenius norm norms[g]
+    # Group g has Frobenius norm norms[g], its columns equal norms (so the sum of their norms ranks the same).
+    direction = direction / direction.norm(dim=0) / math.sqrt(r)
+    w = direction * norms.repeat_interleave(r)
     b = torch.randn(100, d, generator=gen, dtype=F64)
     stats = SiteStatistics.from_activations(b, b @ w.T)
-    sel = select("magnitude", stats, w, 5, group_size=r, refit_weights=False)
+    sel = select(method, stats, w, 5, group_size=r, refit_weights=False)
     assert sel.kept == torch.argsort(norms, descending=True)[:5].tolist()
     assert set(sel.kept) == {g for g in range(ng) if norms[g] > 7}
 
@@ -235,11 +250,15 @@ def test_scores_equal_the_published_formulas(r):
     per_group = lambda col: col.view(-1, r).sum(-1)  # noqa: E731
     expected = {
         # Frobenius norm squared of the consumer columns.
-        "magnitude": per_group(w.square().sum(0)),
+        "magnitude-score": per_group(w.square().sum(0)),
+        # prune_magnitude_sp: the sum of the columns' L2 norms.
+        "magnitude": per_group(w.norm(dim=0)),
         # Wanda-sp: ||b_j||_2 over the tokens times ||W[:, j]||_1.
-        "wanda-sp": per_group(b.norm(dim=0) * w.abs().sum(0)),
+        "wanda-sp-score": per_group(b.norm(dim=0) * w.abs().sum(0)),
+        # prune_wanda_sp: mean_i |W_ij| times sqrt(mean_t b_tj^2), summed over a head's columns.
+        "wanda-sp": per_group(w.abs().mean(0) * b.square().mean(0).sqrt()),
         # FLAP: the input's fluctuation (variance over the tokens) times ||W[:, j]||_2^2.
-        "flap": per_group(b.var(dim=0, unbiased=False) * w.square().sum(0)),
+        "flap-score": per_group(b.var(dim=0, unbiased=False) * w.square().sum(0)),
     }
     for name, ref in expected.items():
         torch.testing.assert_close(group_scores(name, stats, w, layout), ref, rtol=1e-9, atol=1e-12)

@@ -67,7 +67,7 @@ def test_prune_then_eval(model_dir, tmp_path):
 
 def test_recipe_and_flags(model_dir, tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("prune:\n  mlp_sparsity: 0.5\n  method: flap\n  num_samples: 6\n  seq_len: 32\n")
+    recipe.write_text("prune:\n  mlp_sparsity: 0.5\n  method: flap-score\n  num_samples: 6\n  seq_len: 32\n")
     text = tmp_path / "calib.txt"
     text.write_text(_corpus())
     out = tmp_path / "pruned"
@@ -76,12 +76,13 @@ def test_recipe_and_flags(model_dir, tmp_path):
     assert run.returncode == 0, run.stderr
     cfg = json.loads((out / "subprune_report.json").read_text())["config"]
     assert (cfg["method"], cfg["refit"], cfg["seed"], cfg["mlp_sparsity"], cfg["token_weights"]) == (
-        "flap", False, 3, 0.5, "none")
+        "flap-score", False, 3, 0.5, "none")
 
 
 @pytest.mark.parametrize("args, message", [
     (["--sparsity", "1.5"], "sparsity must be in"),
     (["--sparsity", "0.2", "--num-samples", "5000"], "--num-samples"),
+    (["--mlp-sparsity", "0.3", "--method", "flap"], "one overall `sparsity`"),
 ])
 def test_bad_input_gets_a_clear_error(model_dir, tmp_path, args, message):
     run = _run("prune", str(model_dir), "--output", str(tmp_path / "o"), *args, "--quiet", cwd=tmp_path)

@@ -12,6 +12,7 @@ import transformers
 
 from hf_subprune import PruneConfig, UnsupportedModelError, count_parameters, prune
 from hf_subprune.adapters import get_adapter
+from hf_subprune.baselines import METHODS
 from hf_subprune.budget import site_costs
 from hf_subprune.capture import capture_block_inputs, find_blocks, run_block
 from hf_subprune.export import auto_class_for
@@ -101,9 +102,10 @@ def test_grouped_query_modes_give_valid_configs(mode, tmp_path):
     torch.testing.assert_close(outputs(reloaded, probe), outputs(model, probe), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["greedy", "random", "magnitude", "wanda-sp", "flap"])
+@pytest.mark.parametrize("method", sorted(name for name, m in METHODS.items() if m.scope == "site"))
 @pytest.mark.parametrize("refit", [True, False])
 def test_every_method_prunes_to_the_same_widths(method, refit):
+    """Every per-site method keeps the uniform widths (FLAP as published allocates its own: test_published_baselines)."""
     model = tiny_model("llama")
     result = prune(model, input_ids=calibration_ids(), sparsity=0.3, method=method, refit=refit, progress=False)
     assert model.config.intermediate_size == result.widths[0].mlp < 40

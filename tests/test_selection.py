@@ -613,3 +613,37 @@ def test_duplicated_best_group_picks_lower_index(r, damping):
     assert again.kept == first.kept
     assert torch.equal(again.curve, first.curve)
     assert torch.equal(again.weight, first.weight)
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_near_ties_go_to_the_lowest_index(r):
+    """Only group 3 feeds the target; group 1 is a copy of it plus ``eps`` noise, so its gain is short of group
+    3's by about eps^2 (relative). Inside the tie margin the lower index wins; outside it, the larger gain."""
+    b, _ = integer_problem(d=5 * r, seed=3)
+    noise = torch.randn(b.shape[0], r, generator=torch.Generator().manual_seed(4), dtype=F64)
+    w = torch.zeros(4, 5 * r, dtype=F64)
+    w[:, 3 * r : 4 * r] = 8.0
+    for eps, expected in ((1e-3, 1), (0.3, 3)):
+        b_t = b.clone()
+        b_t[:, r : 2 * r] = b_t[:, 3 * r : 4 * r] + eps * noise
+        stats = SiteStatistics.from_activations(b_t, b_t @ w.T)
+        assert greedy_select(stats, 1, group_size=r, damping=0.0, bias_shift=False).kept == [expected]
+        # Without a margin the larger gain wins, however small the lead.
+        assert greedy_select(stats, 1, group_size=r, damping=0.0, bias_shift=False, tie_rtol=0.0).kept == [3]
+
+
+def test_rounding_level_changes_do_not_move_the_picks():
+    """Column 7 duplicates column 2 (equal gains up to rounding). Statistics summed in float32 in other orders
+    (other batch sizes or process counts) round differently, and still keep the same columns in the same order."""
+    b, _, w, _ = asymmetric_problem(seed=5, n=600, d=24, m=6)
+    b[:, 7] = b[:, 2]
+    w[:, 7] = w[:, 2] = 3.0  # the duplicated pair is the best first pick
+    y = b @ w.T
+    picks = []
+    for size in (600, 37, 5):
+        stats = SiteStatistics.zeros(24, 6, dtype=torch.float32)
+        for start in range(0, 600, size):
+            stats.update(b[start : start + size], y[start : start + size])
+        picks.append(greedy_select(stats.to(dtype=F64), 12, damping=1e-2).kept)
+    assert picks[0][0] == 2
+    assert picks[0] == picks[1] == picks[2]

@@ -30,12 +30,21 @@ class MlpSpec:
             the MLP in pre-norm blocks, the MLP's first layer in BERT's post-norm blocks). The asymmetric variant
             reads it to carry the attention's pruning error into the MLP's target. Attention writes into the
             block input.
+        bias_field: config flag that gives the MLP's projections (producers and consumer) a bias where the
+            stock consumer has none (Llama's ``mlp_bias``); None where the family has no such flag or the
+            consumer always has a bias. Bias compensation (FLAP) needs a consumer bias.
     """
 
     producers: tuple[str, ...]
     consumer: str
     width_field: str
     residual: str
+    bias_field: str | None = None
+
+    @property
+    def biased_modules(self) -> tuple[str, ...]:
+        """The modules ``bias_field`` gives a bias."""
+        return (*self.producers, self.consumer)
 
 
 HEAD_QUANTITIES = ("heads", "kv_heads", "groups", "width")
@@ -57,6 +66,9 @@ class AttentionSpec:
             what the module's forward reads instead of the weight shapes.
         stock_export: whether a stock config can express fewer heads (it cannot where the head size is
             derived from the hidden size, as in BERT and GPT-2: those go through the heterogeneous export).
+        bias_field: config flag that gives q, k, v and the output projection a bias where the stock output
+            projection has none (``attention_bias`` of Llama and Qwen3); None where there is no such flag or
+            the output projection always has a bias.
     """
 
     query: str
@@ -70,11 +82,22 @@ class AttentionSpec:
     head_dim_attr: str = "head_dim"
     module_attrs: tuple[tuple[str, str], ...] = (("num_key_value_groups", "groups"),)
     stock_export: bool = True
+    bias_field: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [q for _, q in self.module_attrs if q not in HEAD_QUANTITIES]
         if unknown:
             raise ValueError(f"module_attrs quantities must be among {HEAD_QUANTITIES}, got {unknown}")
+
+    @property
+    def consumer(self) -> str:
+        """The output projection: the consumer of the attention site (as ``MlpSpec.consumer``)."""
+        return self.output
+
+    @property
+    def biased_modules(self) -> tuple[str, ...]:
+        """The modules ``bias_field`` gives a bias (a fused q/k/v projection counted once)."""
+        return tuple(dict.fromkeys((self.query, self.key, self.value, self.output)))
 
     @property
     def fused(self) -> bool:
@@ -107,6 +130,10 @@ class Adapter:
     # --- weights in nn.Linear layout (out x in), whatever the storage ---
     def weight(self, module: nn.Module) -> torch.Tensor:
         return module.weight.T if self.transposed else module.weight
+
+    def spec(self, kind: str) -> MlpSpec | AttentionSpec:
+        """The site spec of ``kind`` (``"mlp"`` or ``"attention"``)."""
+        return self.mlp if kind == "mlp" else self.attention
 
     def heads(self, config) -> int:
         return int(getattr(config, self.attention.heads_field))

@@ -1,26 +1,36 @@
 """The supported families. Each entry only names modules and config fields."""
 
+from dataclasses import replace
+
 from .base import Adapter, AttentionSpec, MlpSpec, register_adapter
 
-LLAMA_LIKE = register_adapter(
-    Adapter(
-        model_types=("llama", "mistral", "qwen2", "qwen3"),
-        mlp=MlpSpec(producers=("mlp.gate_proj", "mlp.up_proj"), consumer="mlp.down_proj",
-                   width_field="intermediate_size", residual="post_attention_layernorm"),
-        attention=AttentionSpec(
-            query="self_attn.q_proj",
-            key="self_attn.k_proj",
-            value="self_attn.v_proj",
-            output="self_attn.o_proj",
-            module="self_attn",
-            heads_field="num_attention_heads",
-            kv_heads_field="num_key_value_heads",
-            head_dim_field="head_dim",
-            module_attrs=(("num_key_value_groups", "groups"),),  # transformers repeats each kv head this often
-        ),
-        remote_code="llama_family",
-    )
+_LLAMA_LIKE = Adapter(
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    mlp=MlpSpec(producers=("mlp.gate_proj", "mlp.up_proj"), consumer="mlp.down_proj",
+               width_field="intermediate_size", residual="post_attention_layernorm"),
+    attention=AttentionSpec(
+        query="self_attn.q_proj",
+        key="self_attn.k_proj",
+        value="self_attn.v_proj",
+        output="self_attn.o_proj",
+        module="self_attn",
+        heads_field="num_attention_heads",
+        kv_heads_field="num_key_value_heads",
+        head_dim_field="head_dim",
+        module_attrs=(("num_key_value_groups", "groups"),),  # transformers repeats each kv head this often
+    ),
+    remote_code="llama_family",
 )
+
+# The families differ only in which config flags add biases to o_proj / down_proj (what FLAP's bias compensation
+# needs): Llama has both, Qwen3 only attention_bias, Mistral and Qwen2 neither (their o_proj/down_proj are built
+# without a bias whatever the config says).
+LLAMA = register_adapter(replace(
+    _LLAMA_LIKE, model_types=("llama",), mlp=replace(_LLAMA_LIKE.mlp, bias_field="mlp_bias"),
+    attention=replace(_LLAMA_LIKE.attention, bias_field="attention_bias")))
+QWEN3 = register_adapter(replace(
+    _LLAMA_LIKE, model_types=("qwen3",), attention=replace(_LLAMA_LIKE.attention, bias_field="attention_bias")))
+MISTRAL_QWEN2 = register_adapter(replace(_LLAMA_LIKE, model_types=("mistral", "qwen2")))
 
 # BERT-style configs derive the head size from the hidden size, so fewer heads cannot be written into a stock
 # config: pruned heads are exported as per-layer overrides with remote code (stock_export=False).
