@@ -258,6 +258,7 @@ def select(
     partition: Sequence[int] | torch.Tensor | None = None,
     per_class: int | None = None,
     prior: torch.Tensor | None = None,
+    shrinkage: float = 0.0,
     seed: int = 0,
     site: str = "site",
 ) -> Selection:
@@ -285,7 +286,7 @@ def select(
     if spec.score is None and spec.pick is None:
         result = greedy_select(
             stats, k, group_size, groups, damping=damping, bias_shift=bias_shift,
-            partition=part, per_class=per_class, prior=prior, site=site,
+            partition=part, per_class=per_class, prior=prior, shrinkage=shrinkage, site=site,
         )
     else:
         k, part = check_budget(k, layout, part, per_class)
@@ -298,7 +299,7 @@ def select(
         result = Selection(kept, cols, None, torch.zeros(weight.shape[0]), curve, float(stats.target_sq))
         if refit_weights:
             result.weight, result.bias_shift, _, result.diagnostics = refit(
-                stats, cols, damping=damping, bias_shift=bias_shift, prior=prior, site=site
+                stats, cols, damping=damping, bias_shift=bias_shift, prior=prior, shrinkage=shrinkage, site=site
             )
     if not refit_weights:
         result.weight = weight[:, result.kept_columns.to(weight.device)].clone()

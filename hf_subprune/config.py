@@ -57,6 +57,12 @@ class PruneConfig:
         "Fit a bias correction too (only where the consumer layer has a bias: BERT, GPT-2).", True
     )
     damping: float = _help("Ridge damping of the least-squares solves, relative to the mean gram diagonal.", 1e-2)
+    shrinkage: float = _help(
+        "Shrink the calibration inputs' correlations towards zero by a ridge of shrinkage x (each column's own "
+        "mean square) (towards the original weights): a dropped channel then also costs its own energy, so that "
+        "selection and refit do not lean on correlations between channels that another text will not reproduce.",
+        0.0,
+    )
     damp_to_original: bool = _help(
         "Damp the refit towards the original weights rather than towards zero: with little calibration data "
         "the refit then corrects the kept columns instead of shrinking them.", True
@@ -122,6 +128,8 @@ class PruneConfig:
             raise ValueError(f"min_width_fraction must be in [0, 1], got {self.min_width_fraction}")
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if self.shrinkage < 0:
+            raise ValueError(f"shrinkage must be >= 0, got {self.shrinkage}")
 
     def _choice(self, name: str, choices: tuple[str, ...]) -> None:
         if getattr(self, name) not in choices:

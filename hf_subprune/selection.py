@@ -280,32 +280,39 @@ class _Problem:
     """The centred (or raw) statistics in the solve dtype, with the ridge already folded in."""
 
     stats: SiteStatistics
-    gram: torch.Tensor  # G + lambda I
-    cross: torch.Tensor  # C (+ lambda W^T with a prior)
-    target_sq: float  # s (+ lambda ||W||^2 with a prior)
-    lam: float
+    gram: torch.Tensor  # G + diag(lambda)
+    cross: torch.Tensor  # C (+ diag(lambda) W^T with a prior)
+    target_sq: float  # s (+ sum_j lambda_j ||W_j||^2 with a prior)
+    lam: torch.Tensor  # per-column ridge lambda_j (d)
     own: torch.Tensor  # undamped diagonal of G, to tell dead or dependent columns
 
 
 def _problem(stats: SiteStatistics, bias_shift: bool, dtype: torch.dtype, damping: float,
-             prior: torch.Tensor | None) -> _Problem:
+             prior: torch.Tensor | None, shrinkage: float = 0.0) -> _Problem:
     """Centre (for the intercept) and damp the statistics.
+
+    The ridge on column j is ``lambda_j = damping * mean(diag G) + shrinkage * G_jj``. The first term is a small
+    numerical damping. The second shrinks the input correlations towards zero: ``G + shrinkage diag(G)`` is
+    (up to scale) the calibration covariance with its off-diagonal part shrunk by ``1 / (1 + shrinkage)``, the
+    classic remedy for a covariance estimated from few samples, and what keeps a selection from trusting
+    correlations between channels that another text will not reproduce.
 
     Without ``prior`` the ridge pulls the weights towards zero. With ``prior`` (the consumer's original
     m x d weight) it pulls them towards the original columns instead: the same as adding d pseudo-tokens
-    ``sqrt(lambda) e_j`` with targets ``sqrt(lambda) W e_j``, so greedy and refit need no change, a dropped
-    column costs ``lambda ||W_j||^2`` and, with little data, the refit stays close to the original weights
-    rather than shrinking them.
+    ``sqrt(lambda_j) e_j`` with targets ``sqrt(lambda_j) W e_j``, so greedy and refit need no change, a dropped
+    column costs ``lambda_j ||W_j||^2`` (with shrinkage: its own energy ``G_jj ||W_j||^2`` times the shrinkage,
+    FLAP's fluctuation score when centred) and, with little data, the refit stays close to the original
+    weights rather than shrinking them.
     """
     stats = stats.to(dtype=dtype)
     gram, cross, target_sq = stats.centred() if bias_shift else (stats.gram, stats.cross, stats.target_sq)
     own = gram.diagonal().clone()
-    lam = _damping(gram, damping)
-    gram = gram + lam * torch.eye(gram.shape[0], dtype=dtype, device=gram.device)
-    if prior is not None and lam > 0:
+    lam = _damping(gram, damping) + shrinkage * own.clamp_min(0)
+    gram = gram + torch.diag(lam)
+    if prior is not None and bool((lam > 0).any()):
         w = prior.to(cross)
-        cross = cross + lam * w.T
-        target_sq = target_sq + lam * w.square().sum()
+        cross = cross + lam[:, None] * w.T
+        target_sq = target_sq + (lam * w.square().sum(0)).sum()
     return _Problem(stats, gram, cross, float(target_sq), lam, own)
 
 
@@ -316,6 +323,7 @@ def refit(
     damping: float = 1e-3,
     bias_shift: bool = True,
     prior: torch.Tensor | None = None,
+    shrinkage: float = 0.0,
     dtype: torch.dtype | None = None,
     site: str = "site",
 ) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
@@ -331,7 +339,7 @@ def refit(
     """
     stats.check_finite(site)
     dtype = dtype or stats.gram.dtype
-    prob = _problem(stats, bias_shift, dtype, damping, prior)
+    prob = _problem(stats, bias_shift, dtype, damping, prior, shrinkage)
     stats, cross, target_sq = prob.stats, prob.cross, prob.target_sq
     cols = torch.as_tensor(kept_columns, dtype=torch.long, device=cross.device).sort().values
     m = cross.shape[1]
@@ -350,7 +358,7 @@ def refit(
         shift = cross.new_zeros(m)
     pivots = factor.diagonal().square()
     diagnostics = {
-        "damping": prob.lam,
+        "damping": float(prob.lam.mean()),
         "condition_estimate": float(pivots.max() / pivots.min().clamp_min(torch.finfo(dtype).tiny)),
     }
     return w_t.T.contiguous(), shift, error, diagnostics
@@ -414,7 +422,7 @@ class _Picker:
         return g
 
 
-def _greedy_neurons(gram, cross, lam: float, own: torch.Tensor, k: int, r: int, picker: _Picker, tol: float):
+def _greedy_neurons(gram, cross, lam: torch.Tensor, own: torch.Tensor, k: int, r: int, picker: _Picker, tol: float):
     """Single-column groups. ``C_r`` is never formed: the factor ``F`` (d x s) and the whitened targets
     ``U`` (s x m) represent it as ``C - F U``, and only the squared row norms of ``C_r`` are updated,
     so a step reads C once (``C u``), F once and U once: O(d (s + m)) with s kept so far."""
@@ -453,7 +461,7 @@ def _greedy_neurons(gram, cross, lam: float, own: torch.Tensor, k: int, r: int, 
     return kept, gains, dependent
 
 
-def _greedy_groups(gram, cross, lam: float, own: torch.Tensor, k: int, r: int, picker: _Picker, tol: float):
+def _greedy_groups(gram, cross, lam: torch.Tensor, own: torch.Tensor, k: int, r: int, picker: _Picker, tol: float):
     """Groups of r columns (heads): keeps ``C_r`` and the residual diagonal blocks, updated by rank-r
     products; a group's gain needs its block's Cholesky factor (batched over groups)."""
     d, m = cross.shape
@@ -462,11 +470,12 @@ def _greedy_groups(gram, cross, lam: float, own: torch.Tensor, k: int, r: int, p
     c_r = cross.clone()
     blocks = gram.view(ng, r, ng, r).diagonal(dim1=0, dim2=2).permute(2, 0, 1).clone()  # ng x r x r
     own = own.view(ng, r).sum(-1).clamp_min(torch.finfo(dtype).tiny)  # undamped
+    lam_groups = lam.view(ng, r).sum(-1)
     eye_r = torch.eye(r, dtype=dtype, device=device)
     factor = torch.zeros(d, k * r, dtype=dtype, device=device)
     kept, gains, dependent, used = [], torch.zeros(k, dtype=dtype), 0, 0
     for step in range(k):
-        live = blocks.diagonal(dim1=-2, dim2=-1).sum(-1) - r * lam > tol * own
+        live = blocks.diagonal(dim1=-2, dim2=-1).sum(-1) - lam_groups > tol * own
         # Picked and dependent blocks are masked; factor identities there instead.
         chol = _jittered_cholesky(torch.where((live & picker.available)[:, None, None], blocks, eye_r))
         gain = torch.linalg.solve_triangular(chol, c_r.view(ng, r, m), upper=False).square().sum((-2, -1))
@@ -503,6 +512,7 @@ def greedy_select(
     partition: Sequence[int] | torch.Tensor | None = None,
     per_class: int | None = None,
     prior: torch.Tensor | None = None,
+    shrinkage: float = 0.0,
     dtype: torch.dtype | None = None,
     tie_rtol: float = TIE_RTOL,
     site: str = "site",
@@ -528,6 +538,8 @@ def greedy_select(
         groups: explicit index sets (all of equal size) instead of contiguous blocks.
         damping: relative ridge on the gram diagonal.
         prior: the consumer's original weight (m x d): damp towards it instead of towards zero.
+        shrinkage: shrink the input correlations towards zero (a ridge of ``shrinkage * G_jj`` on column j,
+            see ``_problem``).
         bias_shift: fit an intercept (returned as ``bias_shift``) by centring the statistics.
         partition: class of each group (e.g. its kv head); with ``per_class`` keeps exactly that many
             groups in every class (grouped-query attention stays valid).
@@ -537,7 +549,7 @@ def greedy_select(
     """
     stats.check_finite(site)
     dtype = dtype or stats.gram.dtype
-    prob = _problem(stats, bias_shift, dtype, damping, prior)
+    prob = _problem(stats, bias_shift, dtype, damping, prior, shrinkage)
     gram, cross, target_sq = prob.gram, prob.cross, prob.target_sq
     d, m = cross.shape
     layout = GroupLayout.build(d, group_size, groups)
@@ -552,14 +564,15 @@ def greedy_select(
     gram_p = gram if identity else gram.index_select(0, order).index_select(1, order)
     cross_p = cross if identity else cross.index_select(0, order)
     own = prob.own if identity else prob.own[order]
+    lam = prob.lam if identity else prob.lam[order]
     picker = _Picker(ng, partition, per_class, device, tie_rtol)
     run = _greedy_neurons if r == 1 else _greedy_groups
-    kept, gains, dependent_picks = run(gram_p, cross_p, prob.lam, own, k, r, picker, _dependence_tol(dtype))
+    kept, gains, dependent_picks = run(gram_p, cross_p, lam, own, k, r, picker, _dependence_tol(dtype))
 
     curve = target_sq - torch.cumsum(gains, 0)
     kept_columns = layout.kept_columns(kept)
     weight, shift, error, diag = refit(stats, kept_columns, damping=damping, bias_shift=bias_shift, prior=prior,
-                                       dtype=dtype, site=site)
+                                       shrinkage=shrinkage, dtype=dtype, site=site)
     diag.update(dependent_picks=dependent_picks, rank=len(kept) - dependent_picks)
     return Selection(
         kept=kept,

@@ -647,3 +647,43 @@ def test_rounding_level_changes_do_not_move_the_picks():
         picks.append(greedy_select(stats.to(dtype=F64), 12, damping=1e-2).kept)
     assert picks[0][0] == 2
     assert picks[0] == picks[1] == picks[2]
+
+
+# --------------------------------------------------------------------------------------------------
+# Correlation shrinkage
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias_shift", [False, True])
+def test_shrinkage_is_least_squares_with_one_pseudo_token_per_column(bias_shift):
+    """``shrinkage`` = a pseudo-token ``sqrt(s G_jj) e_j`` per column, with target ``sqrt(s G_jj) W e_j``:
+    the refit equals least squares on the tokens plus those pseudo-tokens (G centred with an intercept)."""
+    b, y, w, stats = asymmetric_problem(seed=7, n=120, d=16, m=5)
+    cols = torch.tensor([0, 2, 3, 7, 8, 11, 15])
+    shrink = 0.4
+    centred = b - b.mean(0) if bias_shift else b
+    scale = (shrink * centred.square().sum(0)).sqrt()  # sqrt(s G_jj)
+    pseudo_b = torch.diag(scale)
+    pseudo_y = pseudo_b @ w.T
+    # Pseudo-tokens enter the centred problem: centre the real tokens first, then append them (no intercept).
+    yc = y - y.mean(0) if bias_shift else y
+    x = torch.cat([centred[:, cols], pseudo_b[:, cols]])
+    rhs = torch.cat([yc, pseudo_y])
+    expected = torch.linalg.lstsq(x, rhs, driver="gelsd").solution.T
+    weight, shift, _, _ = refit(stats, cols, damping=0.0, bias_shift=bias_shift, prior=w, shrinkage=shrink)
+    torch.testing.assert_close(weight, expected, rtol=1e-8, atol=1e-10)
+    if bias_shift:
+        torch.testing.assert_close(shift, y.mean(0) - weight @ b[:, cols].mean(0), rtol=1e-8, atol=1e-10)
+
+
+def test_strong_shrinkage_ranks_columns_by_their_own_energy_and_keeps_the_weights():
+    """With a shrinkage far above 1 a dropped column costs about ``s G_jj ||W_j||^2``: the greedy keeps the
+    columns of largest own energy, whatever their correlations, and the refit returns the original columns."""
+    b, _, w, _ = asymmetric_problem(seed=8, n=300, d=20, m=6)
+    stats = SiteStatistics.from_activations(b, b @ w.T)
+    energy = b.square().sum(0) * w.square().sum(0)
+    sel = greedy_select(stats, 8, damping=0.0, bias_shift=False, prior=w, shrinkage=1e6)
+    assert sorted(sel.kept) == sorted(torch.argsort(energy, descending=True)[:8].tolist())
+    torch.testing.assert_close(sel.weight, w[:, sel.kept_columns], rtol=1e-4, atol=1e-6)
+    # Without shrinkage the greedy exploits the correlations and keeps another set.
+    assert sorted(greedy_select(stats, 8, damping=0.0, bias_shift=False, prior=w).kept) != sorted(sel.kept)

