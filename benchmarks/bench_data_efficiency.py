@@ -185,8 +185,12 @@ def main() -> None:
     parser.add_argument("--xeval-tokens", type=int, default=16384, help="tokens of each other domain")
     parser.add_argument("--texts", help="only these evaluation texts (comma-separated)")
     parser.add_argument("--name", help="results file stem (default data_efficiency_smollm2)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 when another job "
+                        "shares the cores)")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     global STEM
     STEM = args.name or STEM
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -232,6 +232,14 @@ def prune(
         else:
             if config.budget == "global":
                 widths = _global_widths(model, adapter, inputs, config, device, progress and rank == 0)
+            elif config.budget == "fluctuation":
+                from .published import fluctuation_widths
+
+                widths = fluctuation_widths(model, adapter, inputs, config, device, progress and rank == 0)
+                if adapter.attention is not None and config.attention_mode != "kv_group":
+                    config = PruneConfig.from_dict({**config.to_dict(), "attention_mode": "kv_group"})
+                    widths[0].notes.append("fluctuation budget: attention widths are whole kv groups (FLAP's "
+                                           "units), so attention is pruned with attention_mode kv_group")
             else:
                 uniform = uniform_widths(adapter, model.config, blocks[0], config)
                 widths = [uniform] * len(blocks)

@@ -50,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-refit", dest="refit", action="store_const", const=False, default=None,
                    help="keep the original consumer columns instead of the least-squares refit")
     _config_flag(p, "--damping", "damping", type=float, show_default=1e-2)
+    _config_flag(p, "--shrinkage", "shrinkage", type=float, show_default="max(1, input columns / tokens) per site")
     _config_flag(p, "--token-weights", "token_weights", choices=TOKEN_WEIGHTS, show_default="residual")
-    _config_flag(p, "--budget", "budget", choices=BUDGETS, show_default="uniform")
+    _config_flag(p, "--budget", "budget", choices=BUDGETS,
+                 show_default="fluctuation with --sparsity, uniform with per-type sparsities")
     _config_flag(p, "--mlp-multiple", "mlp_multiple", type=int, show_default=1)
     _config_flag(p, "--min-width-fraction", "min_width_fraction", type=float, show_default=0.1)
     p.add_argument("--recipe", default=None, help="YAML/JSON recipe of PruneConfig keys; command-line flags win")
@@ -122,7 +124,7 @@ def _prune(args) -> int:
     from .loading import base_license, load_model
 
     fields = ("sparsity", "mlp_sparsity", "attention_sparsity", "num_samples", "seq_len", "batch_size", "method",
-              "variant", "attention_mode", "refit", "damping", "token_weights", "seed", "device", "budget",
+              "variant", "attention_mode", "refit", "damping", "shrinkage", "token_weights", "seed", "device", "budget",
               "mlp_multiple", "min_width_fraction")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     config = PruneConfig.from_file(args.recipe, **overrides) if args.recipe else PruneConfig(**overrides)

@@ -13,7 +13,7 @@ __all__ = ["PruneConfig", "VARIANTS", "ATTENTION_MODES", "DTYPES", "BUDGETS", "T
 VARIANTS = ("asymmetric", "sequential", "layerwise")
 ATTENTION_MODES = ("query_quota", "kv_group")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-BUDGETS = ("uniform", "global")
+BUDGETS = ("uniform", "global", "fluctuation")
 TOKEN_WEIGHTS = ("residual", "none")
 
 
@@ -57,11 +57,12 @@ class PruneConfig:
         "Fit a bias correction too (only where the consumer layer has a bias: BERT, GPT-2).", True
     )
     damping: float = _help("Ridge damping of the least-squares solves, relative to the mean gram diagonal.", 1e-2)
-    shrinkage: float = _help(
-        "Shrink the calibration inputs' correlations towards zero by a ridge of shrinkage x (each column's own "
-        "mean square) (towards the original weights): a dropped channel then also costs its own energy, so that "
-        "selection and refit do not lean on correlations between channels that another text will not reproduce.",
-        0.0,
+    shrinkage: float | None = _help(
+        "Shrink the calibration inputs' correlations towards zero: a ridge of shrinkage x (each column's own mean "
+        "square), towards the original weights. A dropped channel then also costs its own energy (FLAP's "
+        "fluctuation score, centred), so that selection and refit do not lean on correlations between channels "
+        "that another text, or a few more samples, would not reproduce. None (default): max(1, d / tokens) per "
+        "site, d its input columns: 1, and more where the calibration has fewer tokens than columns. 0: off.",
     )
     damp_to_original: bool = _help(
         "Damp the refit towards the original weights rather than towards zero: with little calibration data "
@@ -79,13 +80,16 @@ class PruneConfig:
         "kv_group removes whole kv groups (kv head and its query heads).",
         "query_quota",
     )
-    budget: str = _help(
-        "uniform: the same widths in every block (the stock config describes the model); global: per-block "
-        "widths minimising the summed reconstruction error under the same parameter count, from each site's "
-        "greedy error curve (label-free; saved with the heterogeneous export). The errors are compared as the "
-        "mean per-token perturbation relative to the residual stream (token_weights=residual) or, unweighted, "
-        "relative to each site's own output.",
-        "uniform",
+    budget: str | None = _help(
+        "fluctuation (the default with an overall `sparsity`): per-block widths from FLAP's allocation (one pass over the dense model: each "
+        "channel's input variance times its squared weights, standardised per layer, one threshold over the "
+        "whole model weighted by parameter count), then the method chooses and refits within them; attention in "
+        "whole kv groups (attention_mode kv_group). uniform: the same widths in every block, so that the stock "
+        "config describes the model (plain from_pretrained, any serving stack). global: per-block widths "
+        "minimising the summed reconstruction error under the same parameter count, from each site's greedy "
+        "error curve (slower: a full greedy per site). fluctuation and global are saved with the heterogeneous "
+        "export (trust_remote_code=True). None: fluctuation when `sparsity` is given, uniform when only the "
+        "per-type sparsities are.",
     )
     mlp_multiple: int = _help("Round MLP widths to a multiple of this (e.g. 8 or 64 for fast kernels).", 1)
     min_width_fraction: float = _help("Global budgets: no MLP keeps fewer than this fraction of its neurons.", 0.1)
@@ -116,19 +120,22 @@ class PruneConfig:
                 "heads and neurons; mlp_sparsity / attention_sparsity cannot be honoured: give sparsity alone")
         self._choice("variant", VARIANTS)
         self._choice("attention_mode", ATTENTION_MODES)
+        if self.budget is None:
+            per_type = self.mlp_sparsity is not None or self.attention_sparsity is not None
+            self.budget = "uniform" if self.sparsity is None or per_type else "fluctuation"
         self._choice("budget", BUDGETS)
         self._choice("token_weights", TOKEN_WEIGHTS)
         self._choice("stats_dtype", ("float64", "float32"))
         for name in ("num_samples", "seq_len", "batch_size", "mlp_multiple"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.budget == "global" and self.sparsity is None:
+        if self.budget in ("global", "fluctuation") and self.sparsity is None:
             raise ValueError("a global budget takes one overall `sparsity` (it decides the split between sites)")
         if not 0 <= self.min_width_fraction <= 1:
             raise ValueError(f"min_width_fraction must be in [0, 1], got {self.min_width_fraction}")
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
-        if self.shrinkage < 0:
+        if self.shrinkage is not None and self.shrinkage < 0:
             raise ValueError(f"shrinkage must be >= 0, got {self.shrinkage}")
 
     def _choice(self, name: str, choices: tuple[str, ...]) -> None:

@@ -36,7 +36,7 @@ from .selection import GroupLayout, SiteStatistics, reconstruction_error
 from .sites import Site, attention_site, mlp_site
 from .surgery import add_consumer_bias, apply_selection
 
-__all__ = ["MODEL_PASSES", "register_model_pass", "prune_flap"]
+__all__ = ["MODEL_PASSES", "register_model_pass", "prune_flap", "flap_units", "fluctuation_widths"]
 
 # (model, adapter, block inputs, effective config, device, progress) -> (widths per block, one report per cut site)
 ModelPass = Callable[[nn.Module, Adapter, BlockInputs, PruneConfig, torch.device, bool],
@@ -130,20 +130,11 @@ def _full_sites(adapter: Adapter, config, name: str, mlp_width: int) -> list[Sit
     return sites
 
 
-@register_model_pass("flap")
 @torch.no_grad()
-def prune_flap(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConfig, device,
-               progress: bool = True) -> tuple[list[Widths], list[SiteReport]]:
-    """Prune ``model`` in place as FLAP does (module docstring) to remove ``cfg.sparsity`` of its prunable
-    parameters; returns the kept widths per block (different per block in general: the heterogeneous export
-    saves them) and one report per cut site.
-
-    Grouped-query attention (FLAP has none): a unit is a kv group, scored by the mean of its standardised o_proj
-    columns and weighing its q, k, v and o parameters; in multi-head models that is one head, as in FLAP. Every
-    site keeps at least one unit. Llama-family consumers get the bias the compensation needs through the config
-    flag the adapter declares (``surgery.add_consumer_bias``); a family without one is pruned without the
-    compensation, and the notes say so.
-    """
+def flap_units(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConfig, device,
+               progress: bool = True) -> tuple[list[_Units], int, dict[int, float]]:
+    """FLAP's statistics pass over the dense model and its global allocation (steps 1 to 3 of the module
+    docstring): every site's units with the kept mask set. Returns ``(units, floored sites, seconds per block)``."""
     prefix, blocks = find_blocks(model)
     config = model.config
     offload = torch.device(cfg.offload_device)
@@ -176,8 +167,53 @@ def prune_flap(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
                                cfg.sparsity)
     for u, kept in zip(ordered, allocation.kept):
         u.kept = kept
+    return units, allocation.floored, seconds
 
-    notes = [_kept_note(units, cfg.sparsity), f"flap: {allocation.floored} site(s) would have lost every unit and keep "
+
+def _widths(units: list[_Units], adapter: Adapter, config, num_blocks: int) -> list[Widths]:
+    widths = []
+    for i in range(num_blocks):
+        att = next((u for u in units if u.block == i and u.site.kind == "attention"), None)
+        mlp = next(u for u in units if u.block == i and u.site.kind == "mlp")
+        groups = int(att.kept.sum()) if att is not None else 0
+        per_kv = adapter.heads(config) // adapter.kv_heads(config) if att is not None else 0
+        widths.append(Widths(int(mlp.kept.sum()), groups * per_kv, groups))
+    return widths
+
+
+def fluctuation_widths(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConfig, device,
+                       progress: bool = True) -> list[Widths]:
+    """Per-block widths from FLAP's allocation (dense-model fluctuation scores, standardised per layer, one
+    global threshold weighted by parameter count), for ``budget="fluctuation"``: the greedy then chooses and
+    refits within them. Attention widths are whole kv groups (``attention_mode="kv_group"``)."""
+    units, floored, _ = flap_units(model, adapter, inputs, cfg, device, progress)
+    _, blocks = find_blocks(model)
+    widths = _widths(units, adapter, model.config, len(blocks))
+    kept = _kept_note(units, cfg.sparsity).removeprefix("flap: ")
+    widths[0].notes.append(f"fluctuation budget (FLAP's allocation on the dense model): {kept}"
+                           + (f"; {floored} site(s) keep one unit rather than none" if floored else ""))
+    return widths
+
+
+@register_model_pass("flap")
+@torch.no_grad()
+def prune_flap(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConfig, device,
+               progress: bool = True) -> tuple[list[Widths], list[SiteReport]]:
+    """Prune ``model`` in place as FLAP does (module docstring) to remove ``cfg.sparsity`` of its prunable
+    parameters; returns the kept widths per block (different per block in general: the heterogeneous export
+    saves them) and one report per cut site.
+
+    Grouped-query attention (FLAP has none): a unit is a kv group, scored by the mean of its standardised o_proj
+    columns and weighing its q, k, v and o parameters; in multi-head models that is one head, as in FLAP. Every
+    site keeps at least one unit. Llama-family consumers get the bias the compensation needs through the config
+    flag the adapter declares (``surgery.add_consumer_bias``); a family without one is pruned without the
+    compensation, and the notes say so.
+    """
+    _, blocks = find_blocks(model)
+    config = model.config
+    units, floored, seconds = flap_units(model, adapter, inputs, cfg, device, progress)
+    allocation_floored = floored
+    notes = [_kept_note(units, cfg.sparsity), f"flap: {allocation_floored} site(s) would have lost every unit and keep "
              "their best one (FLAP can empty a layer; the export cannot express zero heads or neurons)"]
     if cfg.mlp_multiple != 1:
         notes.append(f"flap: mlp_multiple={cfg.mlp_multiple} not applied (FLAP keeps the neurons above its threshold)")
@@ -195,13 +231,7 @@ def prune_flap(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
                          "biases on the other projections the flag covers")
 
     reports = _cut(model, adapter, inputs, cfg, units, compensate, seconds, device, progress)
-    widths = []
-    for i in range(len(blocks)):
-        att = next((u for u in units if u.block == i and u.site.kind == "attention"), None)
-        mlp = next(u for u in units if u.block == i and u.site.kind == "mlp")
-        groups = int(att.kept.sum()) if att is not None else 0
-        per_kv = adapter.heads(config) // adapter.kv_heads(config) if att is not None else 0
-        widths.append(Widths(int(mlp.kept.sum()), groups * per_kv, groups))
+    widths = _widths(units, adapter, config, len(blocks))
     widths[0].notes.extend(notes)
     return widths, reports
 

@@ -21,7 +21,7 @@ from .baselines import select
 from .budget import SiteOptions, Widths, head_options, mlp_options, site_costs
 from .capture import BlockInputs, HookSet, find_blocks, run_block
 from .config import PruneConfig
-from .selection import SiteStatistics, greedy_select, reconstruction_error
+from .selection import SiteStatistics, auto_shrinkage, greedy_select, reconstruction_error
 from .sites import Site, attention_site, block_sites, mlp_site
 from .surgery import apply_selection
 
@@ -133,6 +133,10 @@ def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original:
     return SiteStatistics.from_inputs_only(stats, weight)
 
 
+def _shrinkage(cfg: PruneConfig, stats: SiteStatistics) -> float:
+    return auto_shrinkage(stats) if cfg.shrinkage is None else cfg.shrinkage
+
+
 def _prune_site(site: Site, adapter: Adapter, block: nn.Module, stats: SiteStatistics, cfg: PruneConfig,
                 block_index: int) -> SiteReport:
     consumer = block.get_submodule(site.consumer)
@@ -140,7 +144,7 @@ def _prune_site(site: Site, adapter: Adapter, block: nn.Module, stats: SiteStati
     bias_shift = cfg.bias_shift and getattr(consumer, "bias", None) is not None
     sel = select(
         cfg.method, stats, weight.to(stats.gram), site.keep, groups=site.groups, refit_weights=cfg.refit,
-        damping=cfg.damping, shrinkage=cfg.shrinkage, bias_shift=bias_shift, partition=site.partition,
+        damping=cfg.damping, shrinkage=_shrinkage(cfg, stats), bias_shift=bias_shift, partition=site.partition,
         per_class=site.per_class,
         prior=weight.to(stats.gram) if cfg.damp_to_original else None, seed=cfg.seed + block_index, site=site.name,
     )
@@ -215,7 +219,7 @@ def curve_pass(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
             # their mean over tokens. Unweighted ones are made relative to the site's own output.
             per_token = float(stats.tokens) if cfg.token_weights == "residual" else None
             if site.kind == "mlp":
-                sel = greedy_select(stats, costs.mlp_width, damping=cfg.damping, shrinkage=cfg.shrinkage, bias_shift=False, prior=prior,
+                sel = greedy_select(stats, costs.mlp_width, damping=cfg.damping, shrinkage=_shrinkage(cfg, stats), bias_shift=False, prior=prior,
                                     site=site.name)
                 floor = max(cfg.mlp_multiple, int(cfg.min_width_fraction * costs.mlp_width))
                 widths, params, errors = mlp_options(sel.curve.tolist(), per_token or sel.target_sq, costs.mlp_width,
@@ -226,7 +230,7 @@ def curve_pass(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
                     error = 0.0
                     if heads < costs.heads:
                         att = attention_site(adapter, model.config, site.name, heads, kv_heads, cfg.attention_mode)
-                        sel = greedy_select(stats, att.keep, groups=att.groups, damping=cfg.damping, shrinkage=cfg.shrinkage, bias_shift=False,
+                        sel = greedy_select(stats, att.keep, groups=att.groups, damping=cfg.damping, shrinkage=_shrinkage(cfg, stats), bias_shift=False,
                                             partition=att.partition, per_class=att.per_class, prior=prior,
                                             site=site.name)
                         error = float(sel.curve[-1]) / max(per_token or sel.target_sq, 1e-30)

@@ -24,6 +24,7 @@ __all__ = [
     "GroupLayout",
     "greedy_select",
     "refit",
+    "auto_shrinkage",
     "reconstruction_error",
 ]
 
@@ -314,6 +315,13 @@ def _problem(stats: SiteStatistics, bias_shift: bool, dtype: torch.dtype, dampin
         cross = cross + lam[:, None] * w.T
         target_sq = target_sq + (lam * w.square().sum(0)).sum()
     return _Problem(stats, gram, cross, float(target_sq), lam, own)
+
+
+def auto_shrinkage(stats: SiteStatistics) -> float:
+    """The default correlation shrinkage of a site: ``max(1, d / tokens)``. At least 1: a dropped channel costs
+    its own energy as much as the correlations say it can be rebuilt, which keeps the cut sound on text unlike
+    the calibration; more when there are fewer tokens than input columns and the sample covariance is singular."""
+    return max(1.0, stats.in_features / max(float(stats.tokens), 1.0))
 
 
 def refit(

@@ -66,7 +66,7 @@ def test_global_prune_lands_on_budget_with_per_block_widths():
     assert removed > 0
     note = next(n for n in result.notes if n.startswith("global budget"))
     assert "asked 40%" in note
-    uniform = prune(tiny_model("llama"), input_ids=calibration_ids(16, 16), sparsity=0.4, mlp_multiple=4,
+    uniform = prune(tiny_model("llama"), budget="uniform", input_ids=calibration_ids(16, 16), sparsity=0.4, mlp_multiple=4,
                     progress=False)
     assert result.params_after <= uniform.params_after  # compared at equal size, never larger
     for block, w in zip(model.model.layers, result.widths):

@@ -17,7 +17,7 @@ def _front_matter(text: str) -> dict:
 
 
 def test_card_metadata_tables_and_plots(tmp_path):
-    result = prune(tiny_model("llama"), input_ids=calibration_ids(), sparsity=0.3, progress=False,
+    result = prune(tiny_model("llama"), budget="uniform", input_ids=calibration_ids(), sparsity=0.3, progress=False,
                    base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
     result.license = "apache-2.0"
     result.evaluation = {"perplexity": {"before": 10.0, "after": 12.5},

@@ -48,6 +48,7 @@ def test_prune_then_eval(model_dir, tmp_path):
     text.write_text(_corpus())
     out = tmp_path / "pruned"
     run = _run("prune", str(model_dir), "--output", str(out), "--sparsity", "0.3", "--calibration", str(text),
+               "--budget", "uniform",
                "--num-samples", "8", "--seq-len", "32", "--batch-size", "3", "--evaluate", "--eval-text", str(text),
                "--eval-window", "32", "--eval-tokens", "256", "--quiet", cwd=tmp_path)
     assert run.returncode == 0, run.stderr

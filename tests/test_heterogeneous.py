@@ -181,7 +181,7 @@ def test_cut_without_refit_equals_masking_the_removed_heads(model_type):
 
 def test_uniform_llama_prune_keeps_the_stock_export(tmp_path):
     model = tiny_model("llama")
-    result = prune(model, input_ids=calibration_ids(), sparsity=0.3, progress=False)
+    result = prune(model, budget="uniform", input_ids=calibration_ids(), sparsity=0.3, progress=False)
     assert result.sites and not needs_heterogeneous(model)
     folder = result.save(tmp_path / "pruned")
     config = json.loads((folder / "config.json").read_text())

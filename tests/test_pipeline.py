@@ -38,7 +38,7 @@ def test_prune_save_reload_matches(model_type, tmp_path):
     model = tiny_model(model_type)
     ids = calibration_ids()
     prunable_before, total_before = _prunable(model), count_parameters(model)
-    result = prune(model, input_ids=ids, sparsity=0.3, batch_size=5, progress=False)
+    result = prune(model, budget="uniform", input_ids=ids, sparsity=0.3, batch_size=5, progress=False)
 
     # The config describes the weights, in every block.
     adapter = get_adapter(model.config)
@@ -78,7 +78,7 @@ def test_zero_sparsity_leaves_model_unchanged(model_type):
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2", "bert"])
 def test_refit_never_worse_than_original_columns(model_type):
     model = tiny_model(model_type)
-    result = prune(model, input_ids=calibration_ids(24, 16), sparsity=0.4, progress=False, damping=1e-6)
+    result = prune(model, budget="uniform", input_ids=calibration_ids(24, 16), sparsity=0.4, progress=False, damping=1e-6)
     for site in result.sites:
         assert site.error <= site.error_original_columns * (1 + 1e-6) + 1e-9, site.name
 
@@ -107,7 +107,7 @@ def test_grouped_query_modes_give_valid_configs(mode, tmp_path):
 def test_every_method_prunes_to_the_same_widths(method, refit):
     """Every per-site method keeps the uniform widths (FLAP as published allocates its own: test_published_baselines)."""
     model = tiny_model("llama")
-    result = prune(model, input_ids=calibration_ids(), sparsity=0.3, method=method, refit=refit, progress=False)
+    result = prune(model, budget="uniform", input_ids=calibration_ids(), sparsity=0.3, method=method, refit=refit, progress=False)
     assert model.config.intermediate_size == result.widths[0].mlp < 40
     assert all(s.groups_kept == (result.widths[0].mlp if s.kind == "mlp" else result.widths[0].heads) for s in result.sites)
 
@@ -118,7 +118,7 @@ def test_variants_agree_on_the_first_site(variant):
     picks = {}
     for v in ("asymmetric", variant):
         model = tiny_model("llama")
-        result = prune(model, input_ids=calibration_ids(), sparsity=0.3, variant=v, progress=False)
+        result = prune(model, budget="uniform", input_ids=calibration_ids(), sparsity=0.3, variant=v, progress=False)
         picks[v] = result.sites[0].kept
     assert picks["asymmetric"] == picks[variant]
 
@@ -127,7 +127,7 @@ def test_results_do_not_depend_on_batch_size():
     kept, weights = [], []
     for batch_size in (1, 5, 12):
         model = tiny_model("llama")
-        result = prune(model, input_ids=calibration_ids(), sparsity=0.3, batch_size=batch_size, progress=False)
+        result = prune(model, budget="uniform", input_ids=calibration_ids(), sparsity=0.3, batch_size=batch_size, progress=False)
         kept.append([s.kept for s in result.sites])
         weights.append(model.model.layers[1].mlp.down_proj.weight.detach().clone())
     assert kept[0] == kept[1] == kept[2]
@@ -182,7 +182,7 @@ def test_asymmetric_refit_is_least_squares_on_the_uncut_block_output(model_type)
         _, blocks = find_blocks(model)
         uncut = copy.deepcopy(blocks[-1])
         prune(model, input_ids=calibration_ids(), mlp_sparsity=0.3, attention_sparsity=0.5, variant=variant,
-              token_weights="none", damping=1e-8, progress=False)
+              token_weights="none", damping=1e-8, shrinkage=0.0, progress=False)
         inputs = capture_block_inputs(model, calibration_ids(), 8, "cpu", "cpu")
         for block in blocks[:-1]:
             inputs.hidden = [run_block(block, inputs, inputs.hidden, i, "cpu") for i in range(len(inputs.hidden))]
@@ -219,7 +219,7 @@ def test_unsupported_architecture_lists_supported_types():
         transformers.OPTConfig(hidden_size=16, ffn_dim=32, num_attention_heads=2, num_hidden_layers=1,
                                vocab_size=64, word_embed_proj_dim=16))
     with pytest.raises(UnsupportedModelError, match="llama.*qwen3"):
-        prune(model, input_ids=calibration_ids(vocab=64), sparsity=0.2, progress=False)
+        prune(model, budget="uniform", input_ids=calibration_ids(vocab=64), sparsity=0.2, progress=False)
 
 
 @pytest.mark.parametrize("bad", [{"sparsity": 1.0}, {"sparsity": -0.1}, {"mlp_sparsity": 1.5}, {},
@@ -250,7 +250,7 @@ def test_overall_sparsity_on_encoders_applies_to_mlps_and_heads():
     _, blocks = find_blocks(model)
     costs = site_costs(adapter, model.config, blocks[0])
     prunable = _prunable(model)
-    result = prune(model, input_ids=calibration_ids(), sparsity=0.25, progress=False)
+    result = prune(model, budget="uniform", input_ids=calibration_ids(), sparsity=0.25, progress=False)
     assert not any("MLPs only" in note for note in result.notes)
     # Every block has the budget's widths, read from its weights.
     w = result.widths[0]
@@ -263,7 +263,7 @@ def test_overall_sparsity_on_encoders_applies_to_mlps_and_heads():
 
 def test_existing_output_folder_is_kept_unless_overwrite(tmp_path):
     model = tiny_model("llama")
-    result = prune(model, input_ids=calibration_ids(), sparsity=0.3, progress=False)
+    result = prune(model, budget="uniform", input_ids=calibration_ids(), sparsity=0.3, progress=False)
     target = tmp_path / "out"
     target.mkdir()
     (target / "precious.txt").write_text("keep me")

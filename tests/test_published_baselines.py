@@ -378,3 +378,18 @@ def test_flap_allocation_weights_units_and_keeps_one_unit_per_site():
     low = torch.tensor([-5.0, -4.0, -6.0], dtype=F64)
     out = flap_allocate([heavy, low], [3.0, 1.0], 0.5)
     assert out.kept[1].tolist() == [False, True, False] and out.floored == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_fluctuation_budget_takes_flaps_widths_and_greedy_picks_within(family):
+    """``budget="fluctuation"``: the widths FLAP's allocation gives, then greedy selection and refit inside them."""
+    ids = calibration_ids(12, 16)
+    flap = prune(tiny_model(family), input_ids=ids, sparsity=0.4, method="flap", progress=False)
+    model = tiny_model(family)
+    ours = prune(model, input_ids=ids, sparsity=0.4, progress=False)  # the default budget
+    assert [(w.mlp, w.heads, w.kv_heads) for w in ours.widths] == [(w.mlp, w.heads, w.kv_heads) for w in flap.widths]
+    assert ours.config.method == "greedy" and ours.config.refit and ours.config.budget == "fluctuation"
+    assert ours.config.attention_mode == "kv_group"  # FLAP's attention units, whatever was asked
+    assert any("fluctuation budget" in n for n in ours.notes)
+    assert ours.params_after <= flap.params_after  # FLAP's added zero biases aside, the same kept units
+    assert PruneConfig(mlp_sparsity=0.4).budget == "uniform"  # per-type sparsities: uniform widths
