@@ -157,6 +157,19 @@ def _method_notes(method: Method, asked: PruneConfig) -> list[str]:
     return notes
 
 
+MIN_ALLOCATION_TOKENS = 64
+"""Below this many calibration tokens the default budget is uniform: FLAP's allocation standardises per-channel
+variances, whose relative error is about sqrt(2 / tokens) (18% at 64), and follows the noise. MiniLM at 50%
+calibrated on 4 sentences (17-48 tokens) lost 25 points of accuracy with the allocation."""
+
+
+def _resolve_budget(config: PruneConfig, tokens: int) -> PruneConfig:
+    """The default budget: FLAP's allocation (fluctuation) from ``MIN_ALLOCATION_TOKENS`` calibration tokens on,
+    uniform widths below."""
+    budget = "fluctuation" if tokens >= MIN_ALLOCATION_TOKENS else "uniform"
+    return PruneConfig.from_dict({**config.to_dict(), "budget": budget})
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -212,6 +225,12 @@ def prune(
         encoder = not getattr(model.config, "is_decoder", False) and model.config.model_type in ("bert", "roberta")
         input_ids = token_blocks(load_texts(calibration), tokenizer, config.num_samples, config.seq_len,
                                  seed=config.seed, special_tokens=encoder)
+    budget_note = []
+    if config.budget is None:
+        config = _resolve_budget(config, int(input_ids.numel()))
+        if config.budget == "uniform":
+            budget_note.append(f"uniform widths: {input_ids.numel()} calibration tokens are too few for the "
+                               f"fluctuation budget's per-layer allocation (it needs {MIN_ALLOCATION_TOKENS})")
     rank, world = _world()
     if len(input_ids) < world:
         raise ValueError(f"{len(input_ids)} calibration samples cannot be shared by {world} processes")
@@ -244,7 +263,7 @@ def prune(
                 uniform = uniform_widths(adapter, model.config, blocks[0], config)
                 widths = [uniform] * len(blocks)
             reports = prune_blocks(model, adapter, inputs, config, widths, device, progress=progress and rank == 0)
-        widths[0].notes[:0] = _method_notes(method, asked)
+        widths[0].notes[:0] = _method_notes(method, asked) + budget_note
     finally:
         model.train(was_training)
     if len({(w.mlp, w.heads, w.kv_heads) for w in widths}) == 1:

@@ -88,8 +88,9 @@ class PruneConfig:
         "config describes the model (plain from_pretrained, any serving stack). global: per-block widths "
         "minimising the summed reconstruction error under the same parameter count, from each site's greedy "
         "error curve (slower: a full greedy per site). fluctuation and global are saved with the heterogeneous "
-        "export (trust_remote_code=True). None: fluctuation when `sparsity` is given, uniform when only the "
-        "per-type sparsities are.",
+        "export (trust_remote_code=True). None (default): fluctuation when `sparsity` is given and the "
+        "calibration has at least 64 tokens (fewer cannot tell the layers apart: their variance estimates are "
+        "noise), else uniform.",
     )
     mlp_multiple: int = _help("Round MLP widths to a multiple of this (e.g. 8 or 64 for fast kernels).", 1)
     min_width_fraction: float = _help("Global budgets: no MLP keeps fewer than this fraction of its neurons.", 0.1)
@@ -120,10 +121,11 @@ class PruneConfig:
                 "heads and neurons; mlp_sparsity / attention_sparsity cannot be honoured: give sparsity alone")
         self._choice("variant", VARIANTS)
         self._choice("attention_mode", ATTENTION_MODES)
-        if self.budget is None:
-            per_type = self.mlp_sparsity is not None or self.attention_sparsity is not None
-            self.budget = "uniform" if self.sparsity is None or per_type else "fluctuation"
-        self._choice("budget", BUDGETS)
+        if self.budget is None and (self.sparsity is None or self.mlp_sparsity is not None
+                                    or self.attention_sparsity is not None):
+            self.budget = "uniform"  # per-type sparsities: one width per site type
+        if self.budget is not None:  # None: decided by prune() from the calibration size (see the help)
+            self._choice("budget", BUDGETS)
         self._choice("token_weights", TOKEN_WEIGHTS)
         self._choice("stats_dtype", ("float64", "float32"))
         for name in ("num_samples", "seq_len", "batch_size", "mlp_multiple"):

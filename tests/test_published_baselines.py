@@ -393,3 +393,12 @@ def test_fluctuation_budget_takes_flaps_widths_and_greedy_picks_within(family):
     assert any("fluctuation budget" in n for n in ours.notes)
     assert ours.params_after <= flap.params_after  # FLAP's added zero biases aside, the same kept units
     assert PruneConfig(mlp_sparsity=0.4).budget == "uniform"  # per-type sparsities: uniform widths
+
+
+def test_default_budget_needs_enough_calibration_tokens():
+    """By default, FLAP's allocation from 64 calibration tokens on, uniform widths below, and the report says why."""
+    enough = prune(tiny_model("llama"), input_ids=calibration_ids(4, 16), sparsity=0.3, progress=False)
+    few = prune(tiny_model("llama"), input_ids=calibration_ids(3, 16), sparsity=0.3, progress=False)
+    assert enough.config.budget == "fluctuation" and few.config.budget == "uniform"
+    assert any("too few for the fluctuation budget" in n for n in few.notes)
+    assert PruneConfig(sparsity=0.3).budget is None and PruneConfig(sparsity=0.3, budget="global").budget == "global"
