@@ -212,8 +212,7 @@ def prune_flap(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
     _, blocks = find_blocks(model)
     config = model.config
     units, floored, seconds = flap_units(model, adapter, inputs, cfg, device, progress)
-    allocation_floored = floored
-    notes = [_kept_note(units, cfg.sparsity), f"flap: {allocation_floored} site(s) would have lost every unit and keep "
+    notes = [_kept_note(units, cfg.sparsity), f"flap: {floored} site(s) would have lost every unit and keep "
              "their best one (FLAP can empty a layer; the export cannot express zero heads or neurons)"]
     if cfg.mlp_multiple != 1:
         notes.append(f"flap: mlp_multiple={cfg.mlp_multiple} not applied (FLAP keeps the neurons above its threshold)")
