@@ -46,7 +46,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 STEM = "data_efficiency_smollm2"
 
 # The methods compared, as PruneConfig settings (published baselines fix their own settings: see --help of
-# hf-subprune prune, or hf_subprune.baselines).
+# hf-subprune prune, or hf_subprune.maths.methods).
 METHODS: dict[str, dict] = {
     "default": {},
     "default, global budget": {"budget": "global"},

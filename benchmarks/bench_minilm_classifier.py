@@ -70,7 +70,7 @@ CLASSIFIER = ROOT / "benchmarks" / ".cache" / "minilm-sst2"
 DENSE_FT = "dense + same fine-tune"
 
 # The methods compared, as PruneConfig settings ("default" = PruneConfig's defaults: the greedy method). The
-# published baselines fix their own settings whatever the config asks (hf_subprune.baselines).
+# published baselines fix their own settings whatever the config asks (hf_subprune.maths.methods).
 METHODS: dict[str, dict] = {
     "default": {},
     "flap": {"method": "flap"},
@@ -362,7 +362,7 @@ def plot(records: list[dict]) -> list[Path]:
 
 def parse_methods(spec: str) -> dict[str, dict]:
     """``name`` from METHODS, or ``name=JSON`` of PruneConfig settings; every method is checked before any run."""
-    from hf_subprune.baselines import METHODS as REGISTERED
+    from hf_subprune.maths.methods import METHODS as REGISTERED
 
     methods = {}
     for item in spec.split(","):

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hf_subprune.selection import SiteStatistics, greedy_select  # noqa: E402
+from hf_subprune.maths.selection import SiteStatistics, greedy_select  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_SIZES = {"cpu": "1536,4096", "cuda": "1536,4096,8192,14336"}

@@ -12,13 +12,14 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .baselines import METHODS, Method
-from .budget import Widths, allocate, global_widths, site_costs, uniform_widths
+from .maths.methods import METHODS, Method
+from .maths.allocation import allocate
+from .pipeline.budget import Widths, site_costs, uniform_widths, widths_from_options
 from .calibration import fingerprint, load_texts, shard, token_blocks
-from .capture import capture_block_inputs, find_blocks
+from .pipeline.capture import capture_block_inputs, find_blocks
 from .config import PruneConfig
-from .runner import SiteReport, curve_pass, prune_blocks
-from .surgery import update_config
+from .pipeline.runner import SiteReport, curve_pass, prune_blocks
+from .pipeline.surgery import update_config
 
 __all__ = ["prune", "PruneResult", "count_parameters"]
 
@@ -51,7 +52,7 @@ class PruneResult:
         import transformers
 
         from . import __version__
-        from .export import auto_class_for
+        from .adapters import auto_class_for
 
         return {
             "hf_subprune_version": __version__,
@@ -109,7 +110,7 @@ class PruneResult:
 
     def save(self, path: str | Path, *, overwrite: bool = False, check: bool = True) -> Path:
         """Write the model folder (see ``export.save_pruned``)."""
-        from .export import save_pruned
+        from .outputs.export import save_pruned
 
         return save_pruned(self, Path(path), overwrite=overwrite, check=check)
 
@@ -135,7 +136,7 @@ def _global_widths(model, adapter, inputs, config: PruneConfig, device, progress
                          uniform.heads * costs.per_query_head + uniform.kv_heads * costs.per_kv_head for o in options)
     total = sum(max(o.params) for o in options)
     picks = allocate(options, min(int((1 - config.sparsity) * total), uniform_params))
-    widths = global_widths(options, picks, len(blocks), Widths(costs.mlp_width, costs.heads, costs.kv_heads))
+    widths = widths_from_options(options, picks, len(blocks), Widths(costs.mlp_width, costs.heads, costs.kv_heads))
     kept = sum(o.params[j] for o, j in zip(options, picks))
     widths[0].notes.append(f"global budget: kept widths remove {1 - kept / total:.2%} of the prunable parameters "
                            f"(asked {config.sparsity:.0%}, at most as many kept as uniform widths would), "
@@ -245,14 +246,14 @@ def prune(
         inputs = capture_block_inputs(model, shard(input_ids, rank, world), config.batch_size, device,
                                       torch.device(config.offload_device), progress=progress and rank == 0)
         if method.scope == "global":  # the method decides every width itself, in its own pass
-            from .published import MODEL_PASSES
+            from .pipeline.flap import MODEL_PASSES
 
             widths, reports = MODEL_PASSES[method.name](model, adapter, inputs, config, device, progress and rank == 0)
         else:
             if config.budget == "global":
                 widths = _global_widths(model, adapter, inputs, config, device, progress and rank == 0)
             elif config.budget == "fluctuation":
-                from .published import fluctuation_widths
+                from .pipeline.flap import fluctuation_widths
 
                 widths = fluctuation_widths(model, adapter, inputs, config, device, progress and rank == 0)
                 if adapter.attention is not None and config.attention_mode != "kv_group":

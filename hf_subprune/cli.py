@@ -23,7 +23,7 @@ def _config_flag(parser, flag: str, field: str, **kw) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .baselines import METHODS
+    from .maths.methods import METHODS
     from .config import ATTENTION_MODES, BUDGETS, TOKEN_WEIGHTS, VARIANTS
 
     parser = argparse.ArgumentParser(prog="hf-subprune", description=__doc__)
@@ -120,7 +120,7 @@ def _distributed(device: str | None):
 def _prune(args) -> int:
     from .config import PruneConfig
     from .evaluation import perplexity
-    from .export import check_output_folder
+    from .outputs.export import check_output_folder
     from .loading import base_license, load_model
 
     fields = ("sparsity", "mlp_sparsity", "attention_sparsity", "num_samples", "seq_len", "batch_size", "method",
@@ -137,7 +137,7 @@ def _prune(args) -> int:
     if not args.push_to_hub and (args.private or args.hub_revision or args.commit_message):
         raise ValueError("--private, --hub-revision and --commit-message only apply with --push-to-hub REPO_ID")
     if args.push_to_hub:
-        from .hub import check_can_push
+        from .outputs.hub import check_can_push
 
         check_can_push()  # fail before hours of pruning, not after
     model, tokenizer, base = load_model(args.model, dtype=args.dtype)
@@ -166,7 +166,7 @@ def _prune(args) -> int:
         accelerator.wait_for_everyone()
         accelerator.end_training()
     if main_process and args.push_to_hub:  # after the barrier, so that a long upload cannot time it out
-        from .hub import push_folder
+        from .outputs.hub import push_folder
 
         url = push_folder(path, args.push_to_hub, private=args.private, revision=args.hub_revision,
                           commit_message=args.commit_message)
@@ -187,14 +187,14 @@ def _evaluate(args) -> int:
 
 
 def _card(args) -> int:
-    from .card import regenerate
+    from .outputs.card import regenerate
 
     print(f"wrote {regenerate(Path(args.folder))}")
     return 0
 
 
 def _push(args) -> int:
-    from .hub import push_folder
+    from .outputs.hub import push_folder
 
     print(push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
                       commit_message=args.commit_message, token=args.token, create_pr=args.create_pr))
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .adapters import UnsupportedModelError
     from .calibration import CalibrationError
-    from .hub import HubError
+    from .outputs.hub import HubError
 
     try:
         return {"prune": _prune, "eval": _evaluate, "card": _card, "push": _push}[args.command](args)

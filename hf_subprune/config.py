@@ -109,7 +109,7 @@ class PruneConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {value}: it is the fraction removed (0.3 = 30%)")
         if self.sparsity is None and self.mlp_sparsity is None and self.attention_sparsity is None:
             raise ValueError("say how much to prune: sparsity, or mlp_sparsity and/or attention_sparsity")
-        from .baselines import METHODS  # local import: config must load without torch-heavy modules first
+        from .maths.methods import METHODS  # local import: config must load without torch-heavy modules first
 
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")

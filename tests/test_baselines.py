@@ -1,4 +1,4 @@
-"""Tests of hf_subprune.baselines: every registered method behind ``select``, side by side.
+"""Tests of hf_subprune.maths.methods: every registered method behind ``select``, side by side.
 
 Scores are checked against formulas computed by hand from the raw activations; errors are checked
 against the reconstruction error computed directly on the tokens.
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from hf_subprune.baselines import METHODS, group_scores, select
-from hf_subprune.selection import GroupLayout, NonFiniteStatisticsError, SiteStatistics, refit
+from hf_subprune.maths.methods import METHODS, group_scores, select
+from hf_subprune.maths.selection import GroupLayout, NonFiniteStatisticsError, SiteStatistics, refit
 
 F64 = torch.float64
 # Methods that choose one site at a time (FLAP as published allocates over the whole model: test_published_baselines).
@@ -321,7 +321,7 @@ def test_greedy_beats_every_baseline_with_refit(seed, r):
 
 
 def test_greedy_through_select_matches_greedy_select():
-    from hf_subprune.selection import greedy_select
+    from hf_subprune.maths.selection import greedy_select
 
     _, _, w, stats = correlated_problem(4)
     direct = greedy_select(stats, 10, group_size=2, damping=1e-4)

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from hf_subprune import prune
-from hf_subprune.budget import SiteOptions, allocate, mlp_options
+from hf_subprune.maths.allocation import SiteOptions, allocate, mlp_options
 
 from conftest import calibration_ids, tiny_model
 

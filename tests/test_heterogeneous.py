@@ -11,11 +11,12 @@ import transformers
 
 from hf_subprune import prune
 from hf_subprune.adapters import get_adapter
-from hf_subprune.capture import find_blocks
-from hf_subprune.export import auto_class_for, check_reload
-from hf_subprune.heterogeneous import REMOTE_FILE, layer_widths, needs_heterogeneous, write_heterogeneous
-from hf_subprune.sites import attention_site, mlp_site
-from hf_subprune.surgery import apply_selection
+from hf_subprune.pipeline.capture import find_blocks
+from hf_subprune.adapters import auto_class_for
+from hf_subprune.outputs.export import check_reload
+from hf_subprune.outputs.heterogeneous import REMOTE_FILE, layer_widths, needs_heterogeneous, write_heterogeneous
+from hf_subprune.pipeline.sites import attention_site, mlp_site
+from hf_subprune.pipeline.surgery import apply_selection
 
 from conftest import calibration_ids, outputs, tiny_model
 

@@ -25,7 +25,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from hf_subprune.calibration import builtin_text
-from hf_subprune.hub import HubError, push_folder
+from hf_subprune.outputs.hub import HubError, push_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_dummy_token_for_tests"
@@ -209,7 +209,7 @@ def _env(endpoint: str, tmp_path: Path, token: str | None = TOKEN) -> dict[str, 
 
 PUSH = """
 import json, sys
-from hf_subprune.hub import HubError, push_folder
+from hf_subprune.outputs.hub import HubError, push_folder
 try:
     print(push_folder(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3])))
 except HubError as e:

@@ -18,8 +18,8 @@ import torch
 import transformers
 
 from hf_subprune import PruneConfig, prune
-from hf_subprune.baselines import select
-from hf_subprune.selection import SiteStatistics
+from hf_subprune.maths.methods import select
+from hf_subprune.maths.selection import SiteStatistics
 
 from conftest import calibration_ids, outputs, tiny_config, tiny_model
 
@@ -367,7 +367,7 @@ def test_flap_allocation_weights_units_and_keeps_one_unit_per_site():
     """Two sites: 4 heavy units (weight 3) and 6 light ones (weight 1), total 18. In score order the cumulative
     weight runs 3, 4, 5, 6, 7, 8, 9, ...: it meets 50% (9) at the seventh unit (score -0.5), the threshold; the units
     scoring above it are kept, the one on it is not. A site whose every score is below keeps its best unit."""
-    from hf_subprune.baselines import flap_allocate
+    from hf_subprune.maths.methods import flap_allocate
 
     heavy = torch.tensor([0.9, -1.0, -2.0, -3.0], dtype=F64)
     light = torch.tensor([0.8, 0.7, 0.5, 0.4, -0.5, 0.0], dtype=F64)

@@ -1,4 +1,4 @@
-"""Tests of hf_subprune.selection: greedy selection, refit and statistics (DESIGN.md s.1-3).
+"""Tests of hf_subprune.maths.selection: greedy selection, refit and statistics (DESIGN.md s.1-3).
 
 The greedy selection works on summed statistics only; every test compares it with a slow reference that
 recomputes the least-squares error from the raw activations (``torch.linalg.lstsq``) for every candidate
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from hf_subprune.selection import (
+from hf_subprune.maths.selection import (
     GroupLayout,
     NonFiniteStatisticsError,
     SiteStatistics,

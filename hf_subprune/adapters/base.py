@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import transformers
 from torch import nn
 
-__all__ = ["MlpSpec", "AttentionSpec", "Adapter", "ADAPTERS", "register_adapter", "get_adapter", "UnsupportedModelError"]
+__all__ = ["MlpSpec", "AttentionSpec", "Adapter", "ADAPTERS", "register_adapter", "get_adapter", "UnsupportedModelError",
+           "auto_class_for"]
 
 
 class UnsupportedModelError(ValueError):
@@ -165,3 +167,22 @@ def get_adapter(config) -> Adapter:
             f"{', '.join(sorted(ADAPTERS))}. New families are added as a small adapter in hf_subprune/adapters/."
         )
     return ADAPTERS[model_type]
+
+
+_AUTO_SUFFIXES = (
+    ("ForCausalLM", "AutoModelForCausalLM"),
+    ("ForMaskedLM", "AutoModelForMaskedLM"),
+    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("ForTokenClassification", "AutoModelForTokenClassification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+    ("LMHeadModel", "AutoModelForCausalLM"),
+)
+
+
+def auto_class_for(model) -> type:
+    """The ``AutoModel...`` class that loads this model's kind (by its class name's head)."""
+    name = type(model).__name__
+    for suffix, auto in _AUTO_SUFFIXES:
+        if name.endswith(suffix):
+            return getattr(transformers, auto)
+    return transformers.AutoModel

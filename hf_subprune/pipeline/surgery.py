@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import Adapter
+from ..adapters import Adapter
 from .budget import Widths
 
 __all__ = ["cut_rows", "set_consumer", "apply_selection", "attention_widths", "set_head_attributes", "update_config",

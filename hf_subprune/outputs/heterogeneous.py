@@ -22,9 +22,9 @@ from pathlib import Path
 from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
-from .adapters import Adapter, get_adapter
-from .capture import find_blocks
-from .surgery import attention_widths
+from ..adapters import Adapter, auto_class_for, get_adapter
+from ..pipeline.capture import find_blocks
+from ..pipeline.surgery import attention_widths
 
 __all__ = ["REMOTE_FILE", "HeterogeneousExport", "layer_widths", "global_widths", "per_layer_overrides",
            "needs_heterogeneous", "auto_map_for", "modeling_source", "write_heterogeneous"]
@@ -125,8 +125,6 @@ def _template(adapter: Adapter, model_type: str):
 
 def auto_map_for(model: nn.Module, adapter: Adapter | None = None) -> dict[str, str]:
     """``auto_map`` entries: the config class, the Auto class the export reloads with, and ``AutoModel``."""
-    from .export import auto_class_for
-
     adapter = adapter or get_adapter(model.config)
     template = _template(adapter, model.config.model_type)
     prefix = type(model.config).__name__.removesuffix("Config")

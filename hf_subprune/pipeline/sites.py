@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import Adapter
+from ..adapters import Adapter
 
 __all__ = ["Site", "block_sites"]
 

@@ -16,12 +16,13 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import Adapter
-from .baselines import select
-from .budget import SiteOptions, Widths, head_options, mlp_options, site_costs
+from ..adapters import Adapter
+from ..maths.methods import select
+from ..maths.allocation import SiteOptions, mlp_options
+from .budget import Widths, head_options, site_costs
 from .capture import BlockInputs, HookSet, find_blocks, run_block
-from .config import PruneConfig
-from .selection import SiteStatistics, auto_shrinkage, greedy_select, reconstruction_error
+from ..config import PruneConfig
+from ..maths.selection import SiteStatistics, auto_shrinkage, greedy_select, reconstruction_error
 from .sites import Site, attention_site, block_sites, mlp_site
 from .surgery import apply_selection
 

@@ -26,13 +26,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import Adapter
-from .baselines import compensation, flap_allocate, flap_unit_scores
+from ..adapters import Adapter
+from ..maths.methods import compensation, flap_allocate, flap_unit_scores
 from .budget import Widths, site_costs
 from .capture import BlockInputs, HookSet, find_blocks, run_block
-from .config import PruneConfig
+from ..config import PruneConfig
 from .runner import SiteReport, all_reduce_sum
-from .selection import GroupLayout, SiteStatistics, reconstruction_error
+from ..maths.selection import GroupLayout, SiteStatistics, reconstruction_error
 from .sites import Site, attention_site, mlp_site
 from .surgery import add_consumer_bias, apply_selection
 

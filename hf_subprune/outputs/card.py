@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 __all__ = ["build_card", "write_card", "write_plots", "regenerate"]
 
-TEMPLATE = Path(__file__).parent / "model_cards" / "pruned_model.md"
+TEMPLATE = Path(__file__).parents[1] / "model_cards" / "pruned_model.md"
 REPORT_FILE = "subprune_report.json"
 PIPELINE_TAGS = {"llama": "text-generation", "mistral": "text-generation", "qwen2": "text-generation",
                  "qwen3": "text-generation", "gpt2": "text-generation", "bert": "feature-extraction",

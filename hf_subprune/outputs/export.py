@@ -12,34 +12,16 @@ import shutil
 from pathlib import Path
 
 import torch
-import transformers
 
-__all__ = ["ExportCheckError", "check_output_folder", "save_pruned", "auto_class_for", "check_reload"]
+from ..adapters import auto_class_for
+
+__all__ = ["ExportCheckError", "check_output_folder", "save_pruned", "check_reload"]
 
 REPORT_FILE = "subprune_report.json"
 
 
 class ExportCheckError(RuntimeError):
     """The folder written to disk does not reproduce the in-memory pruned model."""
-
-
-_AUTO_SUFFIXES = (
-    ("ForCausalLM", "AutoModelForCausalLM"),
-    ("ForMaskedLM", "AutoModelForMaskedLM"),
-    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
-    ("ForTokenClassification", "AutoModelForTokenClassification"),
-    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
-    ("LMHeadModel", "AutoModelForCausalLM"),
-)
-
-
-def auto_class_for(model) -> type:
-    """The ``AutoModel...`` class that loads this model's kind (by its class name's head)."""
-    name = type(model).__name__
-    for suffix, auto in _AUTO_SUFFIXES:
-        if name.endswith(suffix):
-            return getattr(transformers, auto)
-    return transformers.AutoModel
 
 
 def _probe_inputs(model) -> torch.Tensor:
