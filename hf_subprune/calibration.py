@@ -1,20 +1,31 @@
 """Calibration data: text from anywhere, to a tensor of fixed-length token blocks.
 
 Pruning needs unlabeled text only. The default is text that ships with Python (the pydoc topic help), so
-that a run works offline with nothing downloaded.
+that a run works offline with nothing downloaded. Files and hub datasets are read through ``datasets``, whose
+builders already parse CSV quoting, JSON arrays and Parquet correctly.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import json
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
 __all__ = ["CalibrationError", "builtin_text", "load_texts", "token_blocks", "fingerprint", "shard"]
+
+TEXT_COLUMNS = ("text", "sentence", "content", "document", "question", "prompt")
+_BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}),
+    ".parquet": ("parquet", {}),
+}
+_FILE_SUFFIXES = (".txt", *_BUILDERS)
 
 
 class CalibrationError(ValueError):
@@ -31,55 +42,181 @@ def builtin_text(part: str = "calibration") -> str:
     return "\n\n".join(topics[k] for k in keys[start::2])
 
 
-def _texts_from_file(path: Path, text_field: str | None) -> list[str]:
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> CalibrationError:
+    return CalibrationError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8")
+
+
+def _is_blank(path: Path) -> bool:
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _innermost(error: BaseException) -> str:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _load_file(path: Path, split: str | None, streaming: bool):
+    """A ``datasets`` dataset from one local file, or a ``str`` for a plain text file (kept as one text)."""
+    if _is_blank(path):
+        raise CalibrationError(f"the calibration source {path} is empty")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        key = text_field or next((k for k in ("text", "sentence", "content") if rows and k in rows[0]), None)
-        if key is None:
-            raise CalibrationError(f"{path}: no 'text' field in the jsonl rows; name it with text_field")
-        return [str(r[key]) for r in rows]
-    if suffix in (".tsv", ".csv"):
-        with path.open(newline="") as f:
-            rows = list(csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",", quoting=csv.QUOTE_NONE))
-        header = rows[0] if rows else []
-        column = header.index(text_field) if text_field in header else (
-            header.index("sentence") if "sentence" in header else 0
+    if suffix not in _BUILDERS:
+        try:
+            return path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from None
+    import datasets
+
+    builder, options = _BUILDERS[suffix]
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split=split or "train", streaming=streaming,
+                                     **options)
+    except Exception as e:
+        decode = _cause(e, UnicodeDecodeError)
+        if decode is not None:
+            raise _not_utf8(path, decode) from None
+        raise CalibrationError(f"could not read {path} as {suffix[1:]}: {_innermost(e)}") from e
+
+
+def _load_hub(name: str, dataset_config: str | None, split: str | None, streaming: bool):
+    """A dataset from the Hub (or its cache), or from a local folder of data files."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, dataset_config, split=split or "train", streaming=streaming)
+    except Exception as e:
+        if Path(name).is_dir():
+            raise CalibrationError(f"could not load the folder {name} as a dataset: {_innermost(e)}") from e
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        raise CalibrationError(
+            f"calibration source {name!r}: no such file or folder, and it did not load as a Hugging Face Hub "
+            f"dataset ({_innermost(e)}). Hub datasets need a network{' (HF_HUB_OFFLINE is set)' if offline else ''}; "
+            f"for local data give the path of an existing {'/'.join(_FILE_SUFFIXES)} file."
+        ) from None
+
+
+def _column(columns: list[str], text_column: str | None, where: str) -> str:
+    if text_column is not None:
+        if text_column not in columns:
+            raise CalibrationError(f"{where} has no column {text_column!r}; its columns are {columns}")
+        return text_column
+    found = next((c for c in TEXT_COLUMNS if c in columns), None)
+    if found is None:
+        raise CalibrationError(
+            f"{where} has columns {columns}, none of them a text column ({', '.join(TEXT_COLUMNS)}); "
+            "name the one holding text with text_column (CLI: --text-column)"
         )
-        body = rows[1:] if header and not any(c.strip().isdigit() for c in header) else rows
-        return [r[column] for r in body if len(r) > column]
-    return [path.read_text()]
+    return found
 
 
-def load_texts(source: Any = None, *, text_field: str | None = None, split: str = "train") -> list[str]:
-    """Texts from: ``None`` (the built-in default), a local .txt/.jsonl/.tsv/.csv file, a ``datasets``
-    dataset object, a list of strings, or a hub dataset name (needs ``datasets`` and a network)."""
-    if source is None or source == "builtin":
-        return [builtin_text()]
-    if isinstance(source, (list, tuple)) and all(isinstance(s, str) for s in source):
-        return list(source)
-    if isinstance(source, (str, Path)) and Path(source).exists():
-        return _texts_from_file(Path(source), text_field)
-    if hasattr(source, "column_names"):  # a datasets.Dataset
-        key = text_field or next((k for k in ("text", "sentence", "content") if k in source.column_names), None)
-        if key is None:
-            raise CalibrationError(f"the dataset has columns {source.column_names}; say which holds text (text_field)")
-        return [str(t) for t in source[key]]
-    if isinstance(source, str):
-        try:
-            import datasets
-        except ImportError as e:
+def _dataset_texts(dataset: Any, text_column: str | None, split: str | None, max_texts: int | None, where: str,
+                   null_is_empty: bool = False) -> list[str]:
+    """The non-empty strings of the text column. A missing or null value is an error, except where the format
+    cannot tell it from an empty one (``null_is_empty``: an empty CSV cell)."""
+    import datasets
+
+    if isinstance(dataset, dict):  # DatasetDict / IterableDatasetDict
+        key = split or "train"
+        if key not in dataset:
+            raise CalibrationError(f"{where} has splits {list(dataset)}, not {key!r}; choose one with split")
+        dataset = dataset[key]
+    columns = dataset.column_names
+    if columns is None:  # a streamed dataset whose features are not known until read
+        first = next(iter(dataset), None)
+        columns = list(first) if first is not None else []
+    if not columns:
+        raise CalibrationError(f"the calibration source {where} is empty")
+    column = _column(list(columns), text_column, where)
+    rows = dataset[column] if isinstance(dataset, datasets.Dataset) else (row.get(column) for row in dataset)
+    texts: list[str] = []
+    for i, value in enumerate(rows):
+        if max_texts is not None and len(texts) >= max_texts:
+            break
+        if value is None and null_is_empty:
+            continue
+        if value is None:
+            raise CalibrationError(f"{where}: row {i + 1} has no {column!r} value (missing or null)")
+        if not isinstance(value, str):
             raise CalibrationError(
-                f"{source!r} is not a local file, and loading a hub dataset needs `pip install datasets`"
-            ) from e
-        try:
-            return load_texts(datasets.load_dataset(source, split=split), text_field=text_field)
-        except Exception as e:  # offline, unknown name, ...
-            raise CalibrationError(
-                f"could not load calibration data {source!r}: not a local file, and the hub dataset failed to load "
-                f"({type(e).__name__}: {e}). Give a local .txt/.jsonl/.tsv file or omit it for the built-in text."
-            ) from e
-    raise CalibrationError(f"unsupported calibration source of type {type(source).__name__}")
+                f"{where}: row {i + 1} of column {column!r} holds {value!r} ({type(value).__name__}), not text; "
+                "name the text column with text_column (CLI: --text-column)"
+            )
+        if value.strip():
+            texts.append(value)
+    return texts
+
+
+def _looks_like_path(source: str) -> bool:
+    return (Path(source).is_absolute() or source.startswith(".") or source.count("/") > 1
+            or Path(source).suffix.lower() in _FILE_SUFFIXES)
+
+
+def load_texts(
+    source: Any = None,
+    *,
+    text_column: str | None = None,
+    dataset_config: str | None = None,
+    split: str | None = None,
+    streaming: bool = False,
+    max_texts: int | None = None,
+) -> list[str]:
+    """The non-empty texts of a calibration source.
+
+    ``source`` is one of: ``None`` or ``"builtin"`` (the built-in text); a list of strings; a ``datasets``
+    ``Dataset``/``IterableDataset`` (or a dict of them, indexed by ``split``); a local ``.json``/``.jsonl``/
+    ``.csv``/``.tsv``/``.parquet`` file (tabular); a local ``.txt`` file, or one with any other suffix (the whole
+    file is one text); or a Hugging Face Hub dataset name (needs a network unless cached), loaded with
+    ``dataset_config``, ``split`` (default ``"train"``; slices such as ``"train[:1000]"`` work) and ``streaming``.
+    Tabular sources take their text from ``text_column``, or else from the first of ``TEXT_COLUMNS`` they have.
+    ``max_texts`` keeps the first that many non-empty texts (a streamed dataset is read no further).
+    """
+    where = type(source).__name__
+    if source is None or (isinstance(source, str) and source == "builtin"):
+        texts = [builtin_text()]
+    elif isinstance(source, (list, tuple)) and all(isinstance(s, str) for s in source):
+        texts = [s for s in source if s.strip()]
+    elif isinstance(source, (str, Path)):
+        path = Path(source)
+        where = str(path)
+        if path.is_file():
+            loaded = _load_file(path, split, streaming)
+        elif path.is_dir() or not (isinstance(source, Path) or _looks_like_path(source)):
+            loaded = _load_hub(str(source), dataset_config, split, streaming)
+        else:
+            raise CalibrationError(f"calibration file {source} does not exist")
+        if isinstance(loaded, str):
+            texts = [loaded] if loaded.strip() else []
+        else:
+            try:
+                texts = _dataset_texts(loaded, text_column, split, max_texts, where,
+                                       null_is_empty=path.suffix.lower() in (".csv", ".tsv"))
+            except UnicodeDecodeError as e:  # some builders only decode when the rows are read
+                raise _not_utf8(path, e) from None
+    elif hasattr(source, "column_names"):
+        texts = _dataset_texts(source, text_column, split, max_texts, where)
+    else:
+        raise CalibrationError(f"unsupported calibration source of type {type(source).__name__}")
+    if max_texts is not None:
+        texts = texts[:max_texts]
+    if not texts:
+        raise CalibrationError(f"the calibration source {where} is empty: it holds no text")
+    return texts
 
 
 def token_blocks(

@@ -8,13 +8,64 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PruneConfig", "VARIANTS", "ATTENTION_MODES", "DTYPES", "BUDGETS", "TOKEN_WEIGHTS"]
+from .files import CONFIG_FILE, REPORT_FILE
+
+__all__ = ["PruneConfig", "CONFIG_FILE", "VARIANTS", "ATTENTION_MODES", "BUDGETS", "TOKEN_WEIGHTS"]
 
 VARIANTS = ("asymmetric", "sequential", "layerwise")
 ATTENTION_MODES = ("query_quota", "kv_group")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 BUDGETS = ("uniform", "global", "fluctuation")
 TOKEN_WEIGHTS = ("residual", "none")
+
+
+_BASE_TYPES: dict[str, tuple[type, str]] = {
+    "bool": (bool, "true or false"),
+    "int": (int, "a whole number"),
+    "float": (float, "a number"),
+    "str": (str, "a string"),
+}
+"""The field annotations PruneConfig uses (strings under ``from __future__ import annotations``), mapped by hand
+so that a recipe's ``refit: "no"`` or ``num_samples: 8.7`` is refused instead of silently meaning something else."""
+
+
+def _parse_annotation(annotation: str) -> tuple[str, bool]:
+    """``("float", True)`` for ``"float | None"``: the base type's name and whether None is allowed."""
+    parts = [p.strip() for p in str(annotation).split("|")]
+    optional = "None" in parts
+    bases = [p for p in parts if p != "None"]
+    if len(bases) != 1 or bases[0] not in _BASE_TYPES:
+        raise TypeError(f"PruneConfig: no type check for the annotation {annotation!r}; add it to _BASE_TYPES")
+    return bases[0], optional
+
+
+def _type_ok(value: Any, base: str) -> bool:
+    """bool fields take bools only; int fields ints but not bools; float fields ints or floats but not bools."""
+    if base == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if base == "int":
+        return isinstance(value, int)
+    if base == "float":
+        return isinstance(value, (int, float))
+    return isinstance(value, str)
+
+
+def _recipe_loader() -> type:
+    """PyYAML's safe loader, reading ``1e-2`` as a number as YAML 1.2 does (YAML 1.1 wants ``1.0e-2``), so that
+    ``damping: 1e-2`` is not refused as a string."""
+    import re
+
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        pass
+
+    RecipeLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    return RecipeLoader
 
 
 def _help(text: str, default: Any = None, **kw) -> Any:
@@ -49,12 +100,17 @@ class PruneConfig:
         "MLP's refit also corrects the error the block's attention cut left: the paper's variant on residual "
         "blocks), sequential (inputs and targets from the model pruned so far: every layer keeps its own "
         "response to the cut stream; the same as asymmetric wherever a block's attention keeps all its heads) "
-        "or layerwise (both from the original model; one calibration stream). See benchmarks/results.",
+        "or layerwise (both from the original model; one calibration stream).",
         "asymmetric",
     )
     refit: bool = _help("Least-squares refit of the consumer layer on the kept channels.", True)
     bias_shift: bool = _help(
         "Fit a bias correction too (only where the consumer layer has a bias: BERT, GPT-2).", True
+    )
+    intercept: bool = _help(
+        "Give consumers without a bias one (Llama: through attention_bias / mlp_bias, zero biases on the other "
+        "projections those flags cover) so that the refit also fits an intercept: the removed channels' mean "
+        "output moves into the bias, and selection works on the centred statistics.", False
     )
     damping: float = _help("Ridge damping of the least-squares solves, relative to the mean gram diagonal.", 1e-2)
     shrinkage: float | None = _help(
@@ -103,6 +159,7 @@ class PruneConfig:
     stats_dtype: str = _help("Accumulator dtype of the statistics: float64 (exact) or float32 (less memory).", "float64")
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in ("sparsity", "mlp_sparsity", "attention_sparsity"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= float(value) < 1.0:
@@ -130,7 +187,7 @@ class PruneConfig:
         self._choice("stats_dtype", ("float64", "float32"))
         for name in ("num_samples", "seq_len", "batch_size", "mlp_multiple"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}: give 1 or more")
         if self.budget in ("global", "fluctuation") and self.sparsity is None:
             raise ValueError("a global budget takes one overall `sparsity` (it decides the split between sites)")
         if not 0 <= self.min_width_fraction <= 1:
@@ -139,6 +196,19 @@ class PruneConfig:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
         if self.shrinkage is not None and self.shrinkage < 0:
             raise ValueError(f"shrinkage must be >= 0, got {self.shrinkage}")
+
+    def _check_types(self) -> None:
+        """Refuse values of the wrong type up front: the checks below (and the pruning) assume the annotated types."""
+        for f in dataclasses.fields(self):
+            base, optional = _parse_annotation(f.type)
+            value = getattr(self, f.name)
+            if (value is None and optional) or (value is not None and _type_ok(value, base)):
+                continue
+            expected = _BASE_TYPES[base][1] + (" or null" if optional else "")
+            hint = ""
+            if isinstance(value, str) and base != "str":
+                hint = " (write it without quotes)" if base != "bool" else " (write true or false, without quotes)"
+            raise ValueError(f"{f.name} must be {expected}, got {value!r} ({type(value).__name__}){hint}")
 
     def _choice(self, name: str, choices: tuple[str, ...]) -> None:
         if getattr(self, name) not in choices:
@@ -161,14 +231,67 @@ class PruneConfig:
         """Load a YAML or JSON recipe; ``overrides`` (e.g. from the command line) win over the file."""
         import yaml
 
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) if str(path).endswith((".yaml", ".yml")) else json.loads(text)
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {path} does not exist: check the --recipe path" if not path.exists()
+                                    else f"recipe {path} is not a file; give a .yaml, .yml or .json recipe file")
+        try:
+            text = path.read_text()
+            data = yaml.load(text, Loader=_recipe_loader()) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"recipe {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"recipe {path} is not valid YAML{where}: {problem}; fix that line") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"recipe {path} is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}; "
+                             "fix that line (or name the file .yaml to write YAML)") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a recipe is a mapping of PruneConfig keys to values")
-        data = dict(data.get("prune", data))
+        data = data.get("prune", data)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: `prune:` must hold a mapping of PruneConfig keys to values")
+        data = dict(data)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
 
     @staticmethod
     def help_text(name: str) -> str:
         return next(f.metadata["help"] for f in dataclasses.fields(PruneConfig) if f.name == name)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the settings as ``subprune_config.json`` in ``folder``, next to a model as its config.json is,
+        so that the run can be repeated or inspected from the folder alone. Returns the file's path."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / CONFIG_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, folder_or_file: str | Path) -> "PruneConfig":
+        """The settings of ``subprune_config.json``: given its folder (a pruned model folder included) or the
+        file itself (or any recipe file). A folder without it that holds ``subprune_report.json`` gives the
+        report's ``config``, so that older pruned folders load too. Unknown keys are refused as in ``from_dict``."""
+        path = Path(folder_or_file)
+        if path.is_dir():
+            if (path / CONFIG_FILE).is_file():
+                path = path / CONFIG_FILE
+            elif (path / REPORT_FILE).is_file():
+                path = path / REPORT_FILE
+            else:
+                raise FileNotFoundError(
+                    f"{path} has neither {CONFIG_FILE} nor {REPORT_FILE}: it was not written by hf_subprune")
+        elif not path.is_file():
+            raise FileNotFoundError(f"{path}: no such folder or file")
+        if path.name != REPORT_FILE:
+            return cls.from_file(path)  # subprune_config.json, or any JSON/YAML recipe
+        try:
+            config = json.loads(path.read_text()).get("config")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ValueError(f"{path} is not a report written by hf_subprune: {e}") from e
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} has no \"config\" mapping of PruneConfig keys")
+        return cls.from_dict(config)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["perplexity", "mean_pooled_embeddings", "embedding_cosine"]
+__all__ = ["perplexity", "PerplexityEvaluator", "mean_pooled_embeddings", "embedding_cosine"]
 
 
 @torch.no_grad()
@@ -23,7 +24,8 @@ def perplexity(model, tokenizer, text: str, *, window: int = 512, max_tokens: in
         ids = ids[:max_tokens]
     n = len(ids) // window
     if n == 0:
-        raise ValueError(f"the evaluation text has {len(ids)} tokens, fewer than one window of {window}")
+        raise ValueError(f"the evaluation text has {len(ids)} tokens, fewer than one window of {window}: give a "
+                         "longer text, a smaller window (--window / --eval-window) or a larger --max-tokens")
     windows = ids[: n * window].view(n, window)
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -58,3 +60,19 @@ def mean_pooled_embeddings(model, tokenizer, sentences: list[str], *, batch_size
 def embedding_cosine(reference: torch.Tensor, pruned: torch.Tensor) -> float:
     """Mean cosine similarity between matching rows."""
     return float(F.cosine_similarity(reference, pruned, dim=-1).mean())
+
+
+@dataclass
+class PerplexityEvaluator:
+    """Perplexity on one text with a fixed protocol: an ``evaluate=`` for ``prune`` (measured before and after)."""
+
+    tokenizer: object
+    text: str
+    name: str
+    window: int = 512
+    max_tokens: int | None = 16384
+
+    def __call__(self, model) -> dict:
+        out = perplexity(model, self.tokenizer, self.text, window=self.window, max_tokens=self.max_tokens)
+        return {"perplexity": out["perplexity"],
+                "perplexity_protocol": {"text": self.name, "window": out["window"], "tokens": out["tokens"]}}

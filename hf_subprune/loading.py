@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import torch
@@ -52,10 +53,73 @@ def base_license(name_or_path: str) -> str | None:
 
 
 def _auto_class(config) -> type:
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or config.model_type in ("llama", "mistral", "qwen2", "qwen3"):
-        return transformers.AutoModelForCausalLM
-    return transformers.AutoModel
+    """The Auto class to load with: the adapter says whether the family is a causal LM where it knows, else the
+    architectures in the config decide."""
+    from .adapters import UnsupportedModelError, get_adapter
+
+    try:
+        causal = getattr(get_adapter(config), "causal_lm", None)
+    except UnsupportedModelError:  # eval and load_model also serve families that cannot be pruned
+        causal = None
+    if causal is None:
+        archs = getattr(config, "architectures", None) or []
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``user/model`` or a legacy ``model`` name: what the Hub could resolve (a local path never reaches it)."""
+    return bool(_HUB_ID.match(name)) and ".." not in name and not name.endswith((".gguf", ".safetensors", ".bin"))
+
+
+def _missing(name: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{name} does not exist: no such local folder or file. Give a model folder (with config.json and the "
+        f"weights), a .gguf file, or a hub id such as user/model (downloading one needs a network, and "
+        f"HF_HUB_OFFLINE unset)")
+
+
+def _check_source(name: str, path: Path) -> None:
+    """Fail with what is wrong and what to do, before transformers answers with a Hub message (or loads for
+    minutes and then fails on a truncated file)."""
+    if path.is_dir():
+        _check_folder(path)
+        return
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file, not a model folder: give the folder holding config.json and "
+                                "the weights, or a .gguf file")
+    if not _looks_like_hub_id(name):
+        raise _missing(name)
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
+    if is_offline_mode() and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise FileNotFoundError(
+            f"{name} is not a local folder, and with HF_HUB_OFFLINE=1 the Hub cannot be asked for it (no cached "
+            f"copy either): give a local model folder or .gguf file, or unset HF_HUB_OFFLINE to download it")
+
+
+def _check_folder(folder: Path) -> None:
+    """A model folder: config.json, and weight files that are complete (safetensors headers cover the file)."""
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: it is not a model folder. Give the folder written by "
+                                "save_pretrained (or downloaded from the Hub), or a .gguf file")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise FileNotFoundError(f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}): "
+                                "the download or save was incomplete; copy the weight files into it again")
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as e:  # SafetensorError (not importable by name everywhere), OSError
+            raise ValueError(f"the weights in {folder} are corrupt or truncated: {file.name} cannot be read ({e}); "
+                             "download or save the model again") from None
 
 
 def load_model(name_or_path: str, *, dtype: str = "auto", device: str | None = None):
@@ -71,18 +135,39 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str | None = N
         kwargs["dtype"] = DTYPES[dtype]
     if str(path).endswith(".gguf"):
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
         gguf = {"gguf_file": path.name}
-        # dequantize=True gives plain float weights that can be pruned and saved.
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, **gguf, quantization_config=transformers.GgufConfig(dequantize=True), **kwargs
-        )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **gguf)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **gguf)
+            # dequantize=True gives plain float weights that can be pruned and saved.
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path.parent, **gguf, quantization_config=transformers.GgufConfig(dequantize=True), **kwargs
+            )
+        except (OSError, ValueError, KeyError, RuntimeError, EOFError, ImportError) as e:
+            raise ValueError(f"{path} could not be read as a GGUF model ({type(e).__name__}: {e}); check that the "
+                             "file is complete (download it again) and of a supported architecture") from None
     else:
-        config = transformers.AutoConfig.from_pretrained(path)
-        model = _auto_class(config).from_pretrained(path, **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        _check_source(str(name_or_path), Path(path))
+        local = Path(path).is_dir()
+        try:
+            config = transformers.AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            if not local:
+                raise FileNotFoundError(f"could not load {name_or_path} from the Hub: {e}") from None
+            raise ValueError(f"{path}/config.json cannot be read ({e}); fix or re-download it") from None
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"no usable tokenizer in {path} ({type(e).__name__}: {e}); save the model's tokenizer "
+                             "next to it (tokenizer.save_pretrained)") from None
+        try:
+            model = _auto_class(config).from_pretrained(path, **kwargs)
+        except (OSError, RuntimeError, EOFError) as e:
+            if not local:
+                raise
+            raise ValueError(f"the weights in {path} are missing or corrupt ({type(e).__name__}: {e}); download or "
+                             "save the model again") from None
     if device:
         model.to(device)
     model.eval()

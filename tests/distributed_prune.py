@@ -1,28 +1,40 @@
-"""Run by tests/test_distributed.py under `accelerate launch`: prune a saved model, write what was kept."""
+"""Run by tests/test_distributed.py under `accelerate launch`: prune a saved model, write what was kept.
+
+With "accelerator" the script creates an Accelerator as a training script would; with "bare" it only calls
+prune(), as a user's script that knows nothing of accelerate would."""
 
 import json
+import os
 import sys
 
 import torch
 import transformers
-from accelerate import Accelerator
 
 from hf_subprune import prune
 
 
-def main(model_dir: str, ids_json: str, out_json: str) -> None:
-    accelerator = Accelerator(cpu=True)
+def main(model_dir: str, ids_json: str, out_json: str, mode: str) -> None:
+    accelerator = None
+    if mode == "accelerator":
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     ids = torch.tensor(json.loads(open(ids_json).read()))
     result = prune(model, input_ids=ids, sparsity=0.3, batch_size=2, progress=False, device="cpu", variant="asymmetric")
-    if accelerator.is_main_process:
+    if os.environ.get("RANK", "0") == "0":
         down = model.model.layers[-1].mlp.down_proj.weight
         with open(out_json, "w") as f:
             json.dump({"kept": [s.kept for s in result.sites], "tokens": [s.tokens for s in result.sites],
                        "processes": result.calibration["processes"], "down_proj": down.tolist()}, f)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+    else:
+        from hf_subprune.distributed import finish
+
+        finish()
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from hf_subprune import prune
@@ -45,3 +47,25 @@ def test_card_metadata_tables_and_plots(tmp_path):
 def test_card_of_a_folder_without_report_is_a_clear_error(tmp_path):
     run = subprocess.run([sys.executable, "-m", "hf_subprune", "card", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 2 and "subprune_report.json" in run.stderr
+
+
+RUNS = {  # model, prune() arguments, whether the widths differ per layer
+    "uniform": ("llama", dict(input_ids=calibration_ids(), sparsity=0.3, budget="uniform"), True),
+    "heterogeneous": ("qwen3", dict(input_ids=calibration_ids(16, 16), sparsity=0.4, budget="global"), False),
+    "encoder-mlp-only": ("bert", dict(input_ids=calibration_ids(), mlp_sparsity=0.3), True),
+}
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_every_saved_card_has_its_plots(run, tmp_path):
+    """matplotlib is a dependency: every card written by a save has both plots, and shows them."""
+    model_type, kwargs, uniform = RUNS[run]
+    result = prune(tiny_model(model_type), progress=False, **kwargs)
+    assert result.uniform is uniform
+    folder = result.save(tmp_path / "out")
+    card = (folder / "README.md").read_text()
+    shown = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card)
+    assert sorted(shown) == ["error_curves.png", "kept_widths.png"]
+    for name in shown:
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (folder / name).stat().st_size > 1000
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(shown)

@@ -82,7 +82,7 @@ def test_recipe_and_flags(model_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--sparsity", "1.5"], "sparsity must be in"),
-    (["--sparsity", "0.2", "--num-samples", "5000"], "--num-samples"),
+    (["--sparsity", "0.2", "--num-samples", "5000", "--seq-len", "32"], "--num-samples"),
     (["--mlp-sparsity", "0.3", "--method", "flap"], "one overall `sparsity`"),
 ])
 def test_bad_input_gets_a_clear_error(model_dir, tmp_path, args, message):

@@ -19,7 +19,10 @@ from conftest import calibration_ids, tiny_model
 pytestmark = pytest.mark.slow
 
 
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("mode", ["accelerator", "bare"])
+def test_two_processes_match_one(tmp_path, mode):
+    """With an Accelerator in the script, and without one (prune() sets accelerate's process state up itself,
+    on the CPU without being told: ACCELERATE_USE_CPU is unset)."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if accelerate is None:
         pytest.skip("accelerate's launcher is not installed")
@@ -28,12 +31,15 @@ def test_two_processes_match_one(tmp_path):
     ids = calibration_ids(10, 16)
     (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
     out = tmp_path / "out.json"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env.pop("ACCELERATE_USE_CPU", None)
+    if mode == "accelerator":
+        env["ACCELERATE_USE_CPU"] = "true"
     run = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "--main_process_port", "29517", str(Path(__file__).with_name("distributed_prune.py")),
-         str(model_dir), str(tmp_path / "ids.json"), str(out)],
+         str(model_dir), str(tmp_path / "ids.json"), str(out), mode],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]

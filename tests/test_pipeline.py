@@ -13,11 +13,11 @@ import transformers
 from hf_subprune import PruneConfig, UnsupportedModelError, count_parameters, prune
 from hf_subprune.adapters import get_adapter
 from hf_subprune.maths.methods import METHODS
-from hf_subprune.pipeline.budget import site_costs
+from hf_subprune.pipeline.widths import site_costs
 from hf_subprune.pipeline.capture import capture_block_inputs, find_blocks, run_block
 from hf_subprune.adapters import auto_class_for
 from hf_subprune.outputs.heterogeneous import layer_widths
-from hf_subprune.pipeline.runner import residual_weights, site_inputs
+from hf_subprune.pipeline.statistics import residual_weights, site_inputs
 from hf_subprune.maths.selection import NonFiniteStatisticsError
 from hf_subprune.pipeline.sites import attention_site, mlp_site
 

@@ -6,7 +6,7 @@ read it. Adding a family is adding a small module that registers an ``Adapter``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import transformers
@@ -116,8 +116,13 @@ class Adapter:
         mlp: the MLP site.
         attention: the attention site, when heads can be pruned.
         transposed: projections are GPT-2 ``Conv1D`` (weight stored in x out).
-        remote_code: template module under ``hf_subprune/remote_code`` that the heterogeneous export writes
-            next to the weights (per-layer widths), or None where the family has none.
+        remote_code: template module under ``hf_subprune/outputs/remote_code`` that the heterogeneous export
+            writes next to the weights (per-layer widths), or None where the family has none.
+        causal_lm: a decoder: loaded as a causal LM, calibrated on raw text, judged by perplexity. Encoders
+            (False) are calibrated with their special tokens, as they are used.
+        positions_after_padding: position ids start after the padding index (RoBERTa), so the longest input is
+            ``max_position_embeddings - pad_token_id - 1``.
+        pipeline_tag: the Hub task of the family's base checkpoints (the card's metadata).
         notes: shown when a request cannot be served (e.g. why heads are not pruned).
     """
 
@@ -126,8 +131,10 @@ class Adapter:
     attention: AttentionSpec | None = None
     transposed: bool = False
     remote_code: str | None = None
+    causal_lm: bool = True
+    positions_after_padding: bool = False
+    pipeline_tag: str = "text-generation"
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
     # --- weights in nn.Linear layout (out x in), whatever the storage ---
     def weight(self, module: nn.Module) -> torch.Tensor:

@@ -34,9 +34,9 @@ MISTRAL_QWEN2 = register_adapter(replace(_LLAMA_LIKE, model_types=("mistral", "q
 
 # BERT-style configs derive the head size from the hidden size, so fewer heads cannot be written into a stock
 # config: pruned heads are exported as per-layer overrides with remote code (stock_export=False).
-BERT_LIKE = register_adapter(
+BERT = register_adapter(
     Adapter(
-        model_types=("bert", "roberta"),
+        model_types=("bert",),
         mlp=MlpSpec(producers=("intermediate.dense",), consumer="output.dense", width_field="intermediate_size",
                    residual="intermediate.dense"),
         attention=AttentionSpec(
@@ -52,8 +52,11 @@ BERT_LIKE = register_adapter(
             stock_export=False,
         ),
         remote_code="bert_family",
+        causal_lm=False,
+        pipeline_tag="feature-extraction",
     )
 )
+ROBERTA = register_adapter(replace(BERT, model_types=("roberta",), positions_after_padding=True))
 
 # GPT-2 fuses q, k, v into c_attn (outputs [q; k; v]) and derives the head size from n_embd.
 GPT2 = register_adapter(

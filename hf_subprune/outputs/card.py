@@ -8,14 +8,19 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..adapters import ADAPTERS
+from ..files import REPORT_FILE
+
 __all__ = ["build_card", "write_card", "write_plots", "regenerate"]
 
 TEMPLATE = Path(__file__).parents[1] / "model_cards" / "pruned_model.md"
-REPORT_FILE = "subprune_report.json"
-PIPELINE_TAGS = {"llama": "text-generation", "mistral": "text-generation", "qwen2": "text-generation",
-                 "qwen3": "text-generation", "gpt2": "text-generation", "bert": "feature-extraction",
-                 "roberta": "feature-extraction"}
 LOCAL_CALIBRATION = {"wikitext": "wikitext", "sst2": "glue"}
+
+
+def _pipeline_tag(report: dict) -> str | None:
+    """The Hub task, from the report (older reports: from the family's adapter)."""
+    adapter = ADAPTERS.get(report["model_type"])
+    return report.get("pipeline_tag") or (adapter.pipeline_tag if adapter else None)
 
 
 def _fmt(value) -> str:
@@ -47,17 +52,17 @@ def _datasets(report: dict) -> list[str] | None:
 
 
 def write_plots(folder: Path, report: dict) -> list[dict]:
-    """Kept width per layer for each site type, and the greedy error curves, as PNGs next to the card."""
-    try:
-        import matplotlib
+    """Kept width per layer for each site type, and the greedy error curves, as PNGs next to the card.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are optional: the card says what it has
-        return []
+    matplotlib is a core dependency, so every card has its plots. Figures are built without pyplot: no
+    backend is chosen or changed for the caller's session, and nothing global is left open."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
     widths, before = report["widths"], report["widths_before"]
     kinds = [("mlp", "MLP neurons")] + ([("heads", "attention heads")] if before.get("heads") else [])
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.2), squeeze=False)
+    fig = Figure(figsize=(5 * len(kinds), 3.2))
+    axes = fig.subplots(1, len(kinds), squeeze=False)
     for ax, (key, label) in zip(axes[0], kinds):
         ax.bar(range(len(widths)), [w[key] for w in widths], color="tab:blue")
         ax.axhline(before[key], color="gray", linestyle="--", label="base")
@@ -66,14 +71,16 @@ def write_plots(folder: Path, report: dict) -> list[dict]:
         ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(folder / "kept_widths.png", dpi=100)
-    plt.close(fig)
     plots = [{"title": "kept width per layer", "file": "kept_widths.png"}]
     curves = [s for s in report["sites"] if s.get("curve")]
-    if curves:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-        for ax, kind in zip(axes, ("mlp", "attention")):
+    curve_kinds = [k for k in ("mlp", "attention") if any(c["kind"] == k for c in curves)]  # a panel per pruned kind
+    if curve_kinds:
+        fig = Figure(figsize=(5 * len(curve_kinds), 3.2))
+        axes = fig.subplots(1, len(curve_kinds), squeeze=False)
+        cmap = colormaps["viridis"]
+        for ax, kind in zip(axes[0], curve_kinds):
             for s in (c for c in curves if c["kind"] == kind):
-                ax.plot(range(1, len(s["curve"]) + 1), s["curve"], color=plt.cm.viridis(s["block"] / max(len(widths) - 1, 1)),
+                ax.plot(range(1, len(s["curve"]) + 1), s["curve"], color=cmap(s["block"] / max(len(widths) - 1, 1)),
                         linewidth=0.8)
             ax.set_yscale("log")
             ax.set_xlabel(f"{kind} groups kept (greedy order)")
@@ -81,7 +88,6 @@ def write_plots(folder: Path, report: dict) -> list[dict]:
             ax.set_title(f"{kind} sites (colour: layer)")
         fig.tight_layout()
         fig.savefig(folder / "error_curves.png", dpi=100)
-        plt.close(fig)
         plots.append({"title": "greedy error curves", "file": "error_curves.png"})
     return plots
 
@@ -93,7 +99,7 @@ def build_card(report: dict, plots: list[dict] | None = None, file_size: dict | 
     data = ModelCardData(
         base_model=hub_base,
         library_name="transformers",
-        pipeline_tag=PIPELINE_TAGS.get(report["model_type"]),
+        pipeline_tag=_pipeline_tag(report),
         license=report.get("license"),
         datasets=_datasets(report),
         tags=["pruned", "hf-subprune", "structured-pruning", report["model_type"]],
@@ -141,7 +147,7 @@ def _eval_results(evaluation: dict, report: dict):
 
     ppl = evaluation["perplexity"]
     protocol = evaluation.get("perplexity_protocol", {})
-    task = PIPELINE_TAGS.get(report["model_type"], "text-generation")
+    task = _pipeline_tag(report) or "text-generation"
     dataset = str(protocol.get("text", "held-out text"))
     return [EvalResult(task_type=task, dataset_type=dataset, dataset_name=Path(dataset).name or dataset,
                        metric_type="perplexity", metric_name=f"perplexity ({stage})", metric_value=round(value, 4))
@@ -165,4 +171,24 @@ def regenerate(folder: Path) -> Path:
     report_path = folder / REPORT_FILE
     if not report_path.exists():
         raise FileNotFoundError(f"{folder} has no {REPORT_FILE}: it was not written by hf_subprune")
-    return write_card(folder, json.loads(report_path.read_text()))
+    damaged = "the report is damaged: prune again to rewrite it, or restore it from the Hub repo or a backup"
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{report_path} is not UTF-8 text ({e.reason}); {damaged}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{report_path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                         f"{damaged}") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"{report_path} holds a {type(report).__name__}, not the report's mapping; {damaged}")
+    required = ("model_type", "config", "calibration", "parameters", "widths", "widths_before", "sites", "seconds")
+    missing = [key for key in required if key not in report]
+    if missing:
+        raise ValueError(f"{report_path} lacks {', '.join(missing)}; {damaged}")
+    try:  # a dry run, so that a malformed value fails before README.md or a plot is replaced
+        build_card(report)
+        float(report["parameters"]["before"]) / max(float(report["parameters"]["after"]), 1.0)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ValueError(f"{report_path} has a missing or malformed entry ({type(e).__name__}: {e}); "
+                         f"{damaged}") from None
+    return write_card(folder, report)

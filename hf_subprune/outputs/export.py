@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from ..adapters import auto_class_for
+from ..logs import get_logger
+from .card import write_card
+from ..files import REPORT_FILE
+from .heterogeneous import needs_heterogeneous, write_heterogeneous
 
 __all__ = ["ExportCheckError", "check_output_folder", "save_pruned", "check_reload"]
-
-REPORT_FILE = "subprune_report.json"
 
 
 class ExportCheckError(RuntimeError):
@@ -65,25 +68,49 @@ def check_reload(model, folder: Path, *, trust_remote_code: bool = False) -> flo
     return rel
 
 
-def check_output_folder(path: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing non-empty folder (or a file) unless asked to."""
+def check_output_folder(path: str | Path, overwrite: bool, source: str | Path | None = None) -> None:
+    """Refuse, before any work, an output the save would fail on or that would destroy something: a non-empty
+    folder (unless ``overwrite``), a file, a parent that is a file or not writable, the current folder or one
+    holding it, and the input model's folder (``source``: a model folder or a .gguf file) or one holding it."""
+    path = Path(path)
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise FileExistsError(f"--output {path} is the current folder or one holding it: the save replaces the "
+                              "output folder whole; give a new folder, e.g. --output ./pruned")
+    if source is not None and Path(source).exists():
+        src = Path(source).resolve()
+        src_folder = src.parent if src.is_file() else src
+        if resolved == src_folder or resolved in src_folder.parents:
+            raise FileExistsError(f"--output {path} is the input model's folder or one holding it ({src_folder}); "
+                                  "the save would replace the model being pruned: give another output folder")
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder")
+        raise FileExistsError(f"{path} exists and is not a folder; give a folder path for the output")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; choose another output folder or pass --overwrite")
+    parent = resolved.parent
+    while not parent.exists() and parent != parent.parent:  # the save creates missing parents
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FileExistsError(f"cannot create {path}: {parent} is a file, not a folder; choose an output path "
+                              "inside a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write in {parent} (permission denied), where {path} and its temporary "
+                              "folder go; choose an output folder you can write to")
 
 
 def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = True) -> Path:
-    """Write weights (safetensors), config, tokenizer, generation config, ``subprune_report.json`` and a
-    model card into ``path``, via a temporary folder that is renamed into place once the reload check passed.
+    """Write weights (safetensors), config, tokenizer, generation config, ``subprune_report.json``,
+    ``subprune_config.json`` and a model card into ``path``, via a temporary folder that is renamed into place
+    once the reload check passed. Files come out 0o644 and folders 0o755 (less the umask), whatever their
+    writers chose, so that whoever may read the folder can load the model. Temporary folders that a dead save
+    to the same output left behind are cleared first.
 
     Widths that the stock config cannot express (they differ per block, or BERT/GPT-2 heads were pruned) are
     written as the heterogeneous export (``heterogeneous.py``): it loads with ``trust_remote_code=True``, and
     the reload check loads it that way. ``report["export"]`` says which one was written."""
-    from .card import write_card
-    from .heterogeneous import needs_heterogeneous, write_heterogeneous
-
     path = Path(path)
+    _clear_dead_saves(path)
     check_output_folder(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -95,20 +122,89 @@ def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = Tr
             write_heterogeneous(result.model, tmp)
         if result.tokenizer is not None:
             result.tokenizer.save_pretrained(tmp)
-        report = result.report()
-        report["export"] = "heterogeneous" if heterogeneous else "stock"
+        reload_check = None
         if check:
-            report["reload_check"] = {
+            reload_check = {
                 "relative_max_difference": check_reload(result.model, tmp, trust_remote_code=heterogeneous)}
+        report = result.report(export="heterogeneous" if heterogeneous else "stock", reload_check=reload_check)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        result.config.save_pretrained(tmp)
         write_card(tmp, report)
+        _make_readable(tmp)
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             path.rename(old)
-            tmp.rename(path)
+            try:
+                tmp.rename(path)
+            except BaseException:
+                old.rename(path)  # the previous output goes back where it was
+                raise
             shutil.rmtree(old)
         else:
             tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+_log = get_logger(__name__)
+
+
+def _umask() -> int:
+    """The process umask: from /proc where there is one (reading it with os.umask means setting it for a moment,
+    which other threads would see)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _make_readable(folder: Path) -> None:
+    """Files 0o644 and folders 0o755, less the umask: some writers (safetensors) create their file 0o600."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name, mode in [(d, 0o755) for d in dirs] + [(f, 0o644) for f in files]:
+            entry = os.path.join(root, name)
+            if not os.path.islink(entry):
+                os.chmod(entry, mode & ~mask)
+    os.chmod(folder, 0o755 & ~mask)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _clear_dead_saves(path: Path) -> None:
+    """Remove the ``.NAME.tmp-PID`` and ``.NAME.old-PID`` folders of saves to ``path`` whose process is gone
+    (killed mid-way), so that they do not pile up next to the output. A dead save's ``.old`` folder is the
+    previous output, moved aside just before the new one was renamed in: when ``path`` is missing it is put
+    back instead."""
+    try:
+        siblings = sorted(path.parent.iterdir())
+    except OSError:  # no parent yet, or unreadable: check_output_folder says what is wrong
+        return
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-(\d+)")
+    for sibling in siblings:
+        match = pattern.fullmatch(sibling.name)
+        if not match or not sibling.is_dir() or sibling.is_symlink():
+            continue
+        kind, pid = match.group(1), int(match.group(2))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        if kind == "old" and not path.exists():
+            sibling.rename(path)
+            _log.warning(f"restored {path} from {sibling.name}, left by a save (process {pid}) that did not finish")
+            continue
+        shutil.rmtree(sibling, ignore_errors=True)
+        _log.warning(f"removed {sibling}, left by a save to {path.name} (process {pid}) that did not finish")

@@ -12,9 +12,10 @@ from typing import Any, Callable
 import torch
 from accelerate.utils import send_to_device
 from torch import nn
-from tqdm.auto import tqdm
 
-__all__ = ["StopForward", "HookSet", "find_blocks", "BlockInputs", "capture_block_inputs", "run_block", "module_at"]
+from ..logs import progress as progress_bar
+
+__all__ = ["StopForward", "HookSet", "find_blocks", "BlockInputs", "capture_block_inputs", "run_block"]
 
 
 class StopForward(Exception):
@@ -40,10 +41,6 @@ class HookSet:
 
     def __exit__(self, *exc) -> None:
         self.remove()
-
-
-def module_at(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -99,7 +96,7 @@ def capture_block_inputs(
     try:
         with HookSet() as hooks:
             hooks.pre_hook(blocks[0], grab, with_kwargs=True)
-            for start in tqdm(range(0, len(input_ids), batch_size), desc="calibration batches", disable=not progress):
+            for start in progress_bar(range(0, len(input_ids), batch_size), "calibration batches", progress):
                 batch = {"input_ids": input_ids[start : start + batch_size].to(device), "use_cache": False}
                 if attention_mask is not None:
                     batch["attention_mask"] = attention_mask[start : start + batch_size].to(device)

@@ -7,11 +7,11 @@ code lib/prune.py ``prune_flap`` with metric WIFV and structure AL-AM, lib/layer
    column of every o_proj / down_proj the mean and the fluctuation (variance over the calibration tokens);
 2. scores ``var_j * ||W[:, j]||^2`` (squared for attention), standardised per layer and site type;
 3. one ranking of every head and neuron of the model, weighted by parameter count, cut where the kept weight is
-   closest to ``1 - sparsity`` (``baselines.flap_allocate``);
+   closest to ``1 - sparsity`` (``maths.methods.flap_allocate``);
 4. each block cut to its units, the removed columns' mean contribution added to the consumer's bias, no refit.
 
 This module holds the model-level pass (step 1 and 4 and the bookkeeping); the scores and the allocation are pure
-tensor functions in ``baselines.py``. A second pass over the dense stream collects the full statistics of the cut
+tensor functions in ``maths/methods.py``. A second pass over the dense stream collects the full statistics of the cut
 sites, for the report's reconstruction errors only: keeping every site's d x d gram from the first pass until the
 allocation is known would not fit for large models.
 """
@@ -24,17 +24,18 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..adapters import Adapter
-from ..maths.methods import compensation, flap_allocate, flap_unit_scores
-from .budget import Widths, site_costs
-from .capture import BlockInputs, HookSet, find_blocks, run_block
 from ..config import PruneConfig
-from .runner import SiteReport, all_reduce_sum
+from ..distributed import reduce_sum
+from ..maths.methods import compensation, flap_allocate, flap_unit_scores
 from ..maths.selection import GroupLayout, SiteStatistics, reconstruction_error
+from .blocks import walk_blocks
+from .capture import BlockInputs, HookSet, find_blocks, run_block
+from .runner import SiteReport
 from .sites import Site, attention_site, mlp_site
 from .surgery import add_consumer_bias, apply_selection
+from .widths import Widths, site_costs
 
 __all__ = ["MODEL_PASSES", "register_model_pass", "prune_flap", "flap_units", "fluctuation_widths"]
 
@@ -135,29 +136,26 @@ def flap_units(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
                progress: bool = True) -> tuple[list[_Units], int, dict[int, float]]:
     """FLAP's statistics pass over the dense model and its global allocation (steps 1 to 3 of the module
     docstring): every site's units with the kept mask set. Returns ``(units, floored sites, seconds per block)``."""
-    prefix, blocks = find_blocks(model)
     config = model.config
     offload = torch.device(cfg.offload_device)
     units: list[_Units] = []
     seconds: dict[int, float] = {}
-    x = inputs.hidden
-    for i in tqdm(range(len(blocks)), desc="FLAP statistics (dense model)", disable=not progress):
-        start = time.perf_counter()
-        block = blocks[i].to(device)
+    for step in walk_blocks(model, inputs, device, offload, desc="FLAP statistics (dense model)", show=progress):
+        start, i, block = time.perf_counter(), step.index, step.block
         costs = site_costs(adapter, config, block)  # before any bias is added: the model's own parameters
-        sites = _full_sites(adapter, config, f"{prefix}.{i}", costs.mlp_width)
+        sites = _full_sites(adapter, config, step.name, costs.mlp_width)
         weights = {s.consumer: adapter.weight(block.get_submodule(s.consumer)).detach() for s in sites}
         moments = {path: _Moments.zeros(w.shape[1], device) for path, w in weights.items()}
-        x = _dense_pass(block, list(moments), inputs, x, device, offload, lambda path, t: moments[path].update(t))
+        step.outputs = _dense_pass(block, list(moments), inputs, step.hidden, device, offload,
+                                   lambda path, t: moments[path].update(t))
         for s in sites:
             acc = moments[s.consumer]
-            all_reduce_sum(acc.tensors())
+            reduce_sum(acc.tensors())
             attention = s.kind == "attention"
             per_kv = costs.heads // max(costs.kv_heads, 1)
             params = per_kv * costs.per_query_head + costs.per_kv_head if attention else costs.per_neuron
             scores = flap_unit_scores(acc.variance, weights[s.consumer], GroupLayout(s.groups), squared=attention)
             units.append(_Units(i, s, scores.cpu(), params, acc.mean.cpu()))
-        blocks[i].to(offload)
         seconds[i] = time.perf_counter() - start
 
     # FLAP's order: every attention site, then every MLP site (it only decides ties).
@@ -246,26 +244,23 @@ def _cut(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConf
          compensate: dict[str, bool], seconds: dict[int, float], device, progress: bool) -> list[SiteReport]:
     """Second pass over the dense stream: the cut sites' full statistics (for the report's errors), then the cut
     of each block once the dense stream has moved past it."""
-    _, blocks = find_blocks(model)
     offload = torch.device(cfg.offload_device)
     dtype = getattr(torch, cfg.stats_dtype)
     last = max((u.block for u in units if u.cut), default=-1)
     reports: list[SiteReport] = []
-    x = inputs.hidden
-    for i in tqdm(range(last + 1), desc="FLAP cut", disable=not progress):
-        start = time.perf_counter()
-        block = blocks[i].to(device)
+    for step in walk_blocks(model, inputs, device, offload, desc="FLAP cut", show=progress, stop=last + 1):
+        start, i, block = time.perf_counter(), step.index, step.block
         cut = [u for u in units if u.block == i and u.cut]
         weights = {u.site.consumer: adapter.weight(block.get_submodule(u.site.consumer)).detach() for u in cut}
         stats = {path: SiteStatistics.zeros(w.shape[1], 0, device=device, dtype=dtype) for path, w in weights.items()}
-        x = _dense_pass(block, list(stats), inputs, x, device, offload,
-                        lambda path, t: stats[path].update(t, t[..., :0]))
+        step.outputs = _dense_pass(block, list(stats), inputs, step.hidden, device, offload,
+                                   lambda path, t: stats[path].update(t, t[..., :0]))
         statistics_seconds = seconds[i] + time.perf_counter() - start
         for u in cut:
             t0 = time.perf_counter()
             weight = weights[u.site.consumer]
             acc = stats[u.site.consumer]
-            all_reduce_sum(acc.tensors())
+            reduce_sum(acc.tensors())
             full = SiteStatistics.from_inputs_only(acc, weight)
             kept = u.kept.nonzero().flatten().tolist()
             columns = GroupLayout(u.site.groups).kept_columns(kept)
@@ -280,5 +275,4 @@ def _cut(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConf
                 tokens=int(full.tokens), diagnostics={"bias_compensation": compensate[u.site.kind]},
                 seconds_statistics=statistics_seconds, seconds_selection=time.perf_counter() - t0,
             ))
-        blocks[i].to(offload)
     return reports

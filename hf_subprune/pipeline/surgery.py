@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter
-from .budget import Widths
+from .widths import Widths
 
 __all__ = ["cut_rows", "set_consumer", "apply_selection", "attention_widths", "set_head_attributes", "update_config",
            "add_consumer_bias"]

@@ -1,0 +1,54 @@
+"""The one loop over blocks that every pass uses: bring a block to the compute device, let the pass work on it,
+move the hidden-state stream on, send the block back. Only the current block sits on the compute device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..logs import progress
+from .capture import BlockInputs, find_blocks, run_block
+
+__all__ = ["BlockStep", "walk_blocks"]
+
+
+@dataclass
+class BlockStep:
+    """One block as a pass sees it.
+
+    Attributes:
+        index / name: position and module path (``model.layers.3``).
+        block: the block, on the compute device.
+        hidden: the stream entering it (one tensor per calibration batch, on the offload device).
+        through: the module the stream goes through to reach the next block (default: ``block`` as the pass
+            leaves it); a pass that computed the next stream itself sets ``outputs`` instead.
+    """
+
+    index: int
+    name: str
+    block: nn.Module
+    hidden: list[torch.Tensor]
+    through: nn.Module | None = None
+    outputs: list[torch.Tensor] | None = None
+
+
+def walk_blocks(model: nn.Module, inputs: BlockInputs, device, offload, *, desc: str, show: bool = True,
+                stop: int | None = None) -> Iterator[BlockStep]:
+    """Yield each block (up to ``stop``) with the stream entering it; after the pass is done with a step, move
+    the stream on through ``step.through`` (or take ``step.outputs``) and send the block back to ``offload``."""
+    prefix, blocks = find_blocks(model)
+    offload = torch.device(offload)
+    hidden = inputs.hidden
+    count = len(blocks) if stop is None else stop
+    for i in progress(range(count), desc=desc, enabled=show):
+        step = BlockStep(i, f"{prefix}.{i}", blocks[i].to(device), hidden)
+        yield step
+        if step.outputs is not None:
+            hidden = step.outputs
+        else:
+            mover = step.through if step.through is not None else step.block
+            hidden = [run_block(mover, inputs, hidden, j, device).to(offload) for j in range(len(hidden))]
+        blocks[i].to(offload)

@@ -1,0 +1,78 @@
+"""Each site's sufficient statistics (grams of the consumer's inputs, cross terms with its target), summed over
+this process's calibration batches and then over processes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapters import Adapter
+from ..distributed import reduce_sum
+from ..maths.selection import SiteStatistics
+from .capture import BlockInputs, HookSet, run_block
+from .sites import Site
+from .variants import Variant
+
+__all__ = ["collect_statistics", "site_inputs", "consumer_inputs", "residual_weights"]
+
+
+def consumer_inputs(block: nn.Module, path: str, inputs: BlockInputs, hidden: list[torch.Tensor], index: int,
+                    device) -> torch.Tensor:
+    """The input of module ``path`` of ``block`` on batch ``index`` (tokens x features), from a partial forward."""
+    box: list[torch.Tensor] = []
+    run_block(block, inputs, hidden, index, device, stop_at=block.get_submodule(path), on_input=box.append)
+    return box[0].reshape(-1, box[0].shape[-1])
+
+
+def site_inputs(block: nn.Module, site: Site, inputs: BlockInputs, hidden: list[torch.Tensor], index: int, device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The consumer's input and the residual stream the site's output is added to (both tokens x features),
+    from one partial forward of ``block`` on batch ``index``."""
+    seen: list[torch.Tensor] = []
+    with HookSet() as hooks:
+        if site.residual is not None:
+            hooks.pre_hook(block.get_submodule(site.residual), lambda module, args: seen.append(args[0]))
+        x = consumer_inputs(block, site.consumer, inputs, hidden, index, device)
+    residual = seen[0] if seen else hidden[index].to(device)
+    return x, residual.reshape(-1, residual.shape[-1])
+
+
+def residual_weights(stream: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """Token weights ``1 / (ms(h_t) + ms(y_t))``: ``h_t`` the residual stream entering the block, ``y_t`` the
+    site's output, ms the mean square over features. The weighted error is then the perturbation relative to
+    the residual stream the site writes into, which is what the next (normalised) layer sees, and the few
+    tokens that carry massive activations (attention sinks, 100x the usual norm) stop dominating the sums."""
+    h = stream.reshape(-1, stream.shape[-1]).to(device=outputs.device, dtype=torch.float32)
+    ms = h.square().mean(-1) + outputs.float().square().mean(-1)
+    return 1.0 / ms.clamp_min(1e-6)
+
+
+@torch.no_grad()
+def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original: nn.Module, inputs: BlockInputs,
+                       hidden: list[torch.Tensor], variant: Variant, device, dtype: torch.dtype,
+                       token_weights: str = "none") -> SiteStatistics:
+    """Sum the site's statistics over this process's batches of ``hidden`` (the stream entering the block),
+    then over processes. ``block`` is the block as cut so far, ``original`` an uncut copy of it."""
+    weight = adapter.weight(original.get_submodule(site.consumer)).to(device=device, dtype=torch.float32)
+    d = weight.shape[1]
+    weighted = token_weights == "residual"
+    if variant.target == "uncut_block":
+        # The target is the uncut block's residual stream after the site less the cut block's stream before it:
+        # the site's original output plus what the block's earlier cuts changed in the stream.
+        stats = SiteStatistics.zeros(d, weight.shape[0], device=device, dtype=dtype)
+        for i in range(len(inputs.hidden)):
+            a, r_orig = site_inputs(original, site, inputs, hidden, i, device)
+            b, r_cut = site_inputs(block, site, inputs, hidden, i, device)
+            y = a.float() @ weight.T + (r_orig.float() - r_cut.float())
+            stats.update(b, y, weights=residual_weights(hidden[i], y) if weighted else None)
+        reduce_sum(stats.tensors())
+        return stats
+    # The target is the consumer's own output on the same input: the input sums are enough (C = G W^T).
+    source = block if variant.inputs == "cut" else original
+    stats = SiteStatistics.zeros(d, 0, device=device, dtype=dtype)
+    for i in range(len(inputs.hidden)):
+        b = consumer_inputs(source, site.consumer, inputs, hidden, i, device)
+        w = residual_weights(hidden[i], b.float() @ weight.T) if weighted else None
+        stats.update(b, b[:, :0], weights=w)
+    reduce_sum(stats.tensors())
+    return SiteStatistics.from_inputs_only(stats, weight)
