@@ -146,6 +146,16 @@ def _eval_text(source: str | None, flag: str = "--perplexity") -> str:
                          "file (convert it with e.g. iconv -t utf-8)") from None
 
 
+def _quiet() -> None:
+    """No progress bars: transformers' switch (which hf_subprune's bars follow) and datasets' own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
 def _prune(args) -> int:
     from .config import PruneConfig
     from .distributed import finish, process_state
@@ -158,6 +168,8 @@ def _prune(args) -> int:
               "variant", "attention_mode", "refit", "damping", "shrinkage", "token_weights", "seed", "device", "budget",
               "mlp_multiple", "min_width_fraction")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    if args.quiet:
+        _quiet()
     config = PruneConfig.from_file(args.recipe, **overrides) if args.recipe else PruneConfig(**overrides)
     check_config(config)  # a missing device or a 1-token window: fail before loading the model
     output = Path(args.output)

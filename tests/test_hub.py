@@ -308,3 +308,30 @@ def test_prune_push_to_hub(fake_hub, model_dir, tmp_path):
     assert (commit["repo_id"], commit["revision"], commit["summary"]) == ("me/pruned", "v1", "pruned 30%")
     assert {path: hashlib.sha256(data).hexdigest() for path, data in commit["files"].items()} == _snapshot(out)
     assert [r["visibility"] for r in fake_hub.create_requests] == ["private"]
+
+
+PUSH_RESULT = """
+import sys
+import transformers
+from hf_subprune import prune
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
+tokenizer = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+result = prune(model, tokenizer, [sys.argv[3]], sparsity=0.3, num_samples=4, seq_len=32, budget="uniform",
+               progress=False, device="cpu")
+print(result.push_to_hub(sys.argv[2], private=True, commit_message="from python"))
+"""
+
+
+def test_prune_result_push_to_hub(fake_hub, model_dir, tmp_path):
+    """``PruneResult.push_to_hub`` uploads the folder ``save`` writes (card, report, settings, weights)."""
+    run = subprocess.run([sys.executable, "-c", PUSH_RESULT, str(model_dir), "me/from-python", builtin_text()[:20000]],
+                         env=_env(fake_hub.url, tmp_path), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().startswith(f"{fake_hub.url}/me/from-python/commit/")
+    (commit,) = fake_hub.commits
+    assert commit["summary"] == "from python"
+    assert {"README.md", "config.json", "model.safetensors", "subprune_report.json", "subprune_config.json",
+            "kept_widths.png"} <= set(commit["files"])
+    report = json.loads(commit["files"]["subprune_report.json"])
+    assert report["export"] == "stock" and report["reload_check"]["relative_max_difference"] < 1e-4
+    assert fake_hub.repos["me/from-python"]["visibility"] == "private"

@@ -26,7 +26,7 @@ from ..adapters import Adapter, auto_class_for, get_adapter
 from ..pipeline.capture import find_blocks
 from ..pipeline.surgery import attention_widths
 
-__all__ = ["REMOTE_FILE", "HeterogeneousExport", "layer_widths", "global_widths", "per_layer_overrides",
+__all__ = ["REMOTE_FILE", "HeterogeneousExport", "layer_widths", "config_widths", "per_layer_overrides",
            "needs_heterogeneous", "auto_map_for", "modeling_source", "write_heterogeneous"]
 
 REMOTE_MODULE = "modeling_subprune"
@@ -38,7 +38,7 @@ _STOCK_LINE = re.compile(r'^STOCK_MODEL_TYPE = "[^"]*"', re.MULTILINE)
 class HeterogeneousExport:
     """What the export wrote: the global widths, the sparse per-layer overrides and the ``auto_map``."""
 
-    global_widths: dict[str, int]
+    config_widths: dict[str, int]
     per_layer_config: dict[int, dict[str, int]]
     auto_map: dict[str, str]
 
@@ -65,7 +65,7 @@ def _most_common(values: list) -> object:
     return max(counts, key=lambda v: (counts[v], v))
 
 
-def global_widths(model: nn.Module, adapter: Adapter | None = None,
+def config_widths(model: nn.Module, adapter: Adapter | None = None,
                   layers: list[dict[str, int]] | None = None) -> dict[str, int]:
     """The widths the global config keeps: the most common ones (so that the overrides are sparse), except
     where the config derives the head size from the head count (``stock_export=False``): there the count
@@ -113,7 +113,7 @@ def needs_heterogeneous(model: nn.Module, adapter: Adapter | None = None) -> boo
     config cannot express (BERT, GPT-2), or uniform widths that the stock config rejects."""
     adapter = adapter or get_adapter(model.config)
     layers = layer_widths(model, adapter)
-    glob = global_widths(model, adapter, layers)
+    glob = config_widths(model, adapter, layers)
     return bool(per_layer_overrides(layers, glob)) or not _stock_config_accepts(model.config, glob)
 
 
@@ -159,7 +159,7 @@ def write_heterogeneous(model: nn.Module, folder: Path, adapter: Adapter | None 
     adapter = adapter or get_adapter(model.config)
     folder = Path(folder)
     layers = layer_widths(model, adapter)
-    glob = global_widths(model, adapter, layers)
+    glob = config_widths(model, adapter, layers)
     overrides = per_layer_overrides(layers, glob)
     auto_map = auto_map_for(model, adapter)
     path = folder / "config.json"

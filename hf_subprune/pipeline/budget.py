@@ -92,7 +92,7 @@ def curve_pass(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
     return options
 
 
-def _global_widths(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConfig, device,
+def _error_curve_widths(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConfig, device,
                    show: bool) -> list[Widths]:
     _, blocks = find_blocks(model)
     options = curve_pass(model, adapter, inputs, cfg, device, show)
@@ -119,7 +119,7 @@ def plan_widths(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pr
     cut runs with (the fluctuation budget's attention widths are whole kv groups)."""
     _, blocks = find_blocks(model)
     if cfg.budget == "global":
-        return _global_widths(model, adapter, inputs, cfg, device, show), cfg
+        return _error_curve_widths(model, adapter, inputs, cfg, device, show), cfg
     if cfg.budget == "fluctuation":
         widths = fluctuation_widths(model, adapter, inputs, cfg, device, show)
         if adapter.attention is not None and cfg.attention_mode != "kv_group":
