@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .adapters import auto_class_for, get_adapter
-from .checks import check_run
+from .checks import check_model, check_run
 from .calibration import fingerprint, load_texts, shard, token_blocks
 from .config import PruneConfig
 from .distributed import compute_device, process_state
@@ -257,6 +257,7 @@ def prune(
     method = METHODS[config.method]
     asked, config = config, PruneConfig.from_dict({**config.to_dict(), **method.settings})
     adapter = get_adapter(model.config)
+    check_model(model)
     check_run(model.config, config, input_ids=input_ids)  # a bad device or seq_len fails before calibrating
     rank, world = process_state(config.device)
     start = time.perf_counter()

@@ -9,7 +9,7 @@ import torch
 
 from .adapters import get_adapter
 
-__all__ = ["check_device", "check_config", "check_run", "max_positions"]
+__all__ = ["check_device", "check_config", "check_run", "check_model", "max_positions"]
 
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 MIN_SEQ_LEN = 2
@@ -81,3 +81,14 @@ def check_run(model_config: Any, config: Any, input_ids: torch.Tensor | None = N
         what = "the calibration token blocks are" if input_ids is not None else "seq_len (--seq-len) is"
         raise ValueError(f"{what} {seq_len} tokens long, but this {model_config.model_type} model takes at most "
                          f"{limit} positions; use --seq-len {limit} or less")
+
+
+def check_model(model: Any) -> None:
+    """Refuse a model whose weights are not all in memory (``device_map`` with offloading to disk or meta): the
+    pipeline moves one block at a time to the compute device itself and needs real tensors to cut and save."""
+    offloaded = sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters() if p.device.type == "meta"})
+    if offloaded:
+        raise ValueError(
+            f"{len(offloaded)} modules of the model have no weights in memory (offloaded by a device_map, e.g. "
+            f"{offloaded[0]}): load it without device_map (on the CPU) and pass device='cuda' (CLI: --device "
+            "cuda); hf_subprune moves one block at a time to the GPU itself")

@@ -332,3 +332,18 @@ def test_help_says_each_default_once(capsys, command):
                      "(default: 16384)"):
             assert out.count(said) >= 1, said
         assert out.count("(default: 128)") == 1
+
+
+def test_offloaded_model_is_refused_before_any_work():
+    """A model whose weights a device_map left on the meta device (offloaded) cannot be cut: a clear error."""
+    import torch
+
+    from hf_subprune import prune
+    from conftest import calibration_ids, tiny_model
+
+    model = tiny_model("llama")
+    layer = model.model.layers[1].mlp.down_proj
+    layer.weight = torch.nn.Parameter(torch.empty_like(layer.weight, device="meta"))
+    with pytest.raises(ValueError, match="load it without device_map"):
+        prune(model, input_ids=calibration_ids(4, 16), sparsity=0.3, device="cpu", progress=False)
+    assert model.model.layers[0].mlp.down_proj.weight.shape[1] == model.config.intermediate_size  # nothing cut
