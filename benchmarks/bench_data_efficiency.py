@@ -55,7 +55,6 @@ STEM = "data_efficiency_smollm2"
 METHODS: dict[str, dict] = {
     "default": {},
     "default, global budget": {"budget": "global"},
-    "default, intercept": {"intercept": True},
     "flap": {"method": "flap"},
     "wanda-sp": {"method": "wanda-sp"},
     "layer-greedy-fs": {"method": "layer-greedy-fs"},

@@ -107,11 +107,6 @@ class PruneConfig:
     bias_shift: bool = _help(
         "Fit a bias correction too (only where the consumer layer has a bias: BERT, GPT-2).", True
     )
-    intercept: bool = _help(
-        "Give consumers without a bias one (Llama: through attention_bias / mlp_bias, zero biases on the other "
-        "projections those flags cover) so that the refit also fits an intercept: the removed channels' mean "
-        "output moves into the bias, and selection works on the centred statistics.", False
-    )
     damping: float = _help("Ridge damping of the least-squares solves, relative to the mean gram diagonal.", 1e-2)
     shrinkage: float | None = _help(
         "Shrink the calibration inputs' correlations towards zero: a ridge of shrinkage x (each column's own mean "
