@@ -58,6 +58,7 @@ class PruneResult:
     base_model: str | None = None
     license: str | None = None
     evaluation: dict = field(default_factory=dict)
+    input_ids: torch.Tensor | None = field(default=None, repr=False)  # the calibration tokens: saved for recovery
 
     def report(self, *, export: str | None = None, reload_check: dict | None = None) -> dict:
         """Everything about the run, as JSON-ready data: what ``save`` writes as ``subprune_report.json`` (with
@@ -169,24 +170,6 @@ def _method_notes(method: Method, asked: PruneConfig) -> list[str]:
     return notes
 
 
-def _add_intercepts(model: nn.Module, adapter) -> list[str]:
-    """Consumer biases for ``PruneConfig.intercept``, through the family's config flags; what they cost."""
-    from .pipeline.surgery import add_consumer_bias
-
-    _, blocks = find_blocks(model)
-    notes = []
-    for kind in ("attention", "mlp") if adapter.attention is not None else ("mlp",):
-        added = add_consumer_bias(blocks, adapter, kind, model.config)
-        spec = adapter.spec(kind)
-        if added is None:
-            notes.append(f"intercept: model_type {model.config.model_type!r} has no config flag for a {spec.consumer} "
-                         f"bias; {kind} sites are refitted without one")
-        elif any(added):
-            notes.append(f"intercept: set {spec.bias_field}=True, adding {added[0]:,} consumer bias parameters and "
-                         f"{added[1]:,} zero biases on the other projections the flag covers")
-    return notes
-
-
 def _measure(evaluate: Evaluator | None, model: nn.Module) -> dict:
     if evaluate is None:
         return {}
@@ -281,7 +264,6 @@ def prune(
     costs = site_costs(adapter, model.config, blocks[0])
     widths_before = {"mlp": costs.mlp_width, "heads": costs.heads, "kv_heads": costs.kv_heads}
     was_training = model.training
-    intercept_notes: list[str] = []
     model.eval()
     try:
         inputs = capture_block_inputs(model, shard(input_ids, rank, world), config.batch_size, device,
@@ -290,10 +272,8 @@ def prune(
             widths, reports = MODEL_PASSES[method.name](model, adapter, inputs, config, device, show)
         else:
             widths, config = plan_widths(model, adapter, inputs, config, device, show)
-            if config.intercept and config.refit and config.bias_shift:
-                intercept_notes = _add_intercepts(model, adapter)
             reports = prune_blocks(model, adapter, inputs, config, widths, device, show=show)
-        widths[0].notes[:0] = _method_notes(method, asked) + budget_notes + intercept_notes
+        widths[0].notes[:0] = _method_notes(method, asked) + budget_notes
     finally:
         model.train(was_training)
     if len({(w.mlp, w.heads, w.kv_heads) for w in widths}) == 1:
@@ -310,4 +290,5 @@ def prune(
         base_model=base_model or getattr(model.config, "_name_or_path", None) or None,
         license=license,
         evaluation=_evaluation(before, _measure(evaluate, model)) if evaluate is not None else {},
+        input_ids=input_ids.cpu(),
     )

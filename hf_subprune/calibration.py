@@ -15,9 +15,10 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["CalibrationError", "builtin_text", "load_texts", "token_blocks", "fingerprint", "shard"]
+__all__ = ["CalibrationError", "builtin_text", "load_texts", "load_labelled", "token_blocks", "fingerprint", "shard"]
 
 TEXT_COLUMNS = ("text", "sentence", "content", "document", "question", "prompt")
+LABEL_COLUMNS = ("label", "labels", "class", "target")
 _BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
     ".json": ("json", {}),
     ".jsonl": ("json", {}),
@@ -217,6 +218,52 @@ def load_texts(
     if not texts:
         raise CalibrationError(f"the calibration source {where} is empty: it holds no text")
     return texts
+
+
+def _label(value: Any, label2id: dict[str, int] | None, where: str, row: int) -> int:
+    """An integer class: ints as they are, names through the model's ``label2id``, digit strings as numbers."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        if label2id and value in label2id:
+            return int(label2id[value])
+        if value.strip().lstrip("-").isdigit():
+            return int(value)
+    known = f" (the model's label names: {sorted(label2id)})" if label2id else ""
+    raise CalibrationError(f"{where}: row {row + 1} has the label {value!r}, not a class number{known}")
+
+
+def load_labelled(source: str | Path, *, text_column: str | None = None, label_column: str | None = None,
+                  split: str | None = None, label2id: dict[str, int] | None = None) -> tuple[list[str], list[int]]:
+    """Texts and integer labels of a local ``.tsv``/``.csv``/``.json``/``.jsonl``/``.parquet`` file with a header:
+    the text column as ``load_texts`` finds it, the label column by ``label_column`` or else the first of
+    ``LABEL_COLUMNS``; label names are mapped through ``label2id`` (a model config's). Rows without text are
+    skipped, as an empty CSV cell cannot be told from a missing one."""
+    path = Path(source)
+    if not path.is_file():
+        raise CalibrationError(f"labelled data file {source} " + ("does not exist" if not path.exists()
+                                                                   else "is not a file"))
+    if path.suffix.lower() not in _BUILDERS:
+        raise CalibrationError(f"{path}: labelled data is a {'/'.join(_BUILDERS)} file with a text and a label "
+                               "column, not plain text")
+    dataset = _load_file(path, split, streaming=False)
+    columns = list(dataset.column_names)
+    text = _column(columns, text_column, str(path))
+    label = label_column or next((c for c in LABEL_COLUMNS if c in columns), None)
+    if label not in columns:
+        raise CalibrationError(f"{path} has columns {columns}, none of them a label column "
+                               f"({label_column or ', '.join(LABEL_COLUMNS)}); name it with label_column")
+    texts, labels = [], []
+    for i, (value, target) in enumerate(zip(dataset[text], dataset[label])):
+        if not isinstance(value, str) or not value.strip():
+            continue
+        if target is None:
+            raise CalibrationError(f"{path}: row {i + 1} has no {label!r} value")
+        texts.append(value)
+        labels.append(_label(target, label2id, str(path), i))
+    if not texts:
+        raise CalibrationError(f"{path} holds no labelled text")
+    return texts, labels
 
 
 def token_blocks(

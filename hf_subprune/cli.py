@@ -1,5 +1,5 @@
-"""``hf-subprune``: prune, evaluate, push to the Hub. Also runs under ``accelerate launch`` (statistics summed over
-processes)."""
+"""``hf-subprune``: prune, fine-tune to recover, evaluate, push to the Hub. Pruning also runs under ``accelerate
+launch`` (statistics summed over processes)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,39 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive whole number (1 or more), got {value}")
     return value
+
+
+def _recovery_flags(parser, *, within_prune: bool) -> None:
+    """The fine-tune's settings, shared by ``finetune`` and ``prune --finetune-steps`` (where the calibration
+    samples are the data and the pruning's --seed, --device and --dtype apply)."""
+    when = "with --finetune-steps: " if within_prune else ""
+    parser.add_argument("--lora-r", type=positive_int, default=None, help=f"{when}LoRA rank (default: 8)")
+    parser.add_argument("--lora-alpha", type=positive_int, default=None, help=f"{when}LoRA alpha (default: 16)")
+    parser.add_argument("--full", action="store_true", help=f"{when}fine-tune every weight instead of LoRA adapters")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"{when}learning rate (default: 2e-4 with LoRA, 2e-5 with --full)")
+    parser.add_argument("--distill", action="store_true",
+                        help=f"{when}train on the KL divergence from the teacher's output distribution (no labels "
+                             "needed) instead of the model's own loss")
+    parser.add_argument("--teacher", default=None,
+                        help=f"{when}with --distill: the teacher (hub id, folder, .gguf file or alias; default: the "
+                             + ("model being pruned" if within_prune else "base model the report records") + ")")
+    parser.add_argument("--distill-weight", type=float, default=None,
+                        help=f"{when}with --distill: the KL term's share of the loss, the rest being the model's own "
+                             "loss (default: 1)")
+    parser.add_argument("--finetune-batch-size" if within_prune else "--batch-size", dest="finetune_batch_size",
+                        type=positive_int, default=None, metavar="N",
+                        help=f"{when}sequences per training step (default: 4)")
+
+
+def _recovery_settings(args) -> dict:
+    """The recovery keywords the flags give (unset flags keep recover()'s defaults)."""
+    settings = {key: getattr(args, key) for key in ("lora_r", "lora_alpha", "lr", "teacher", "distill_weight")
+                if getattr(args, key) is not None}
+    if args.finetune_batch_size is not None:
+        settings["batch_size"] = args.finetune_batch_size
+    settings.update({key: True for key in ("full", "distill") if getattr(args, key)})
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +136,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.add_argument("--hub-revision", default=None, help="with --push-to-hub: branch to commit to (created if missing)")
     p.add_argument("--commit-message", default=None, help="with --push-to-hub: commit message")
+    p.add_argument("--finetune-steps", type=positive_int, default=None, metavar="N",
+                   help="after pruning, fine-tune N steps on the calibration samples to recover quality (LoRA, "
+                        "merged), then save once; the same as hf-subprune finetune OUT --data calibration")
+    _recovery_flags(p, within_prune=True)
+
+    f = sub.add_parser("finetune", help="recover quality after pruning: fine-tune a pruned folder (LoRA, merged, or "
+                                        "full) and save it as it was saved")
+    f.add_argument("model", metavar="DIR", help="a folder written by hf-subprune prune")
+    f.add_argument("--data", required=True,
+                   help="'calibration' (exactly the samples the cut used, kept in the folder), or a text file / "
+                        ".json/.jsonl/.csv/.tsv/.parquet file (a classifier needs a text and a label column)")
+    f.add_argument("--output", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
+    f.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    length = f.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=positive_int, default=None, help="training steps")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the data (default: 1)")
+    _recovery_flags(f, within_prune=False)
+    f.add_argument("--seq-len", type=positive_int, default=None,
+                   help="with a data file: tokens per block (causal LM; default: the calibration's) or per text "
+                        "(classifier; default: 128)")
+    f.add_argument("--num-samples", type=positive_int, default=None,
+                   help="with a data file: blocks or texts to train on (default: all)")
+    f.add_argument("--text-column", default=None, help="with a tabular data file: the column holding text")
+    f.add_argument("--label-column", default=None,
+                   help="with a labelled data file: the label column (default: the first of label, labels, class, "
+                        "target)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the adapters' initialisation, the shuffles and the "
+                                                       "blocks cut from a data file (default: 0)")
+    f.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
+    f.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype to load the model in (default: auto)")
+    f.add_argument("--eval-text", default=None,
+                   help="causal LMs: perplexity before and after on this text file (default: the text of the prune "
+                        "report's evaluation, when it has one that can be read here)")
+    f.add_argument("--eval-data", default=None,
+                   help="classifiers: accuracy before and after on this labelled .tsv/.csv/.jsonl file")
+    f.add_argument("--no-check", dest="check", action="store_false", help="skip the reload check after saving")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser("eval", help="perplexity of a model folder on a text file")
     e.add_argument("model", help="model folder, hub id, .gguf file, or 'smollm2'")
@@ -159,7 +230,7 @@ def _quiet() -> None:
 def _prune(args) -> int:
     from .config import PruneConfig
     from .distributed import finish, process_state
-    from .evaluation import PerplexityEvaluator
+    from .evaluation import BUILTIN_HELDOUT, PerplexityEvaluator
     from .checks import check_config
     from .outputs.export import check_output_folder
     from .loading import base_license, load_model
@@ -175,9 +246,23 @@ def _prune(args) -> int:
     output = Path(args.output)
     check_output_folder(output, args.overwrite, source=args.model)  # before hours of pruning, not after
     eval_text = _eval_text(args.eval_text, "--eval-text") if args.evaluate else None
-    main_process = process_state(config.device)[0] == 0
+    rank, world = process_state(config.device)
+    main_process = rank == 0
     if not args.push_to_hub and (args.private or args.hub_revision or args.commit_message):
         raise ValueError("--private, --hub-revision and --commit-message only apply with --push-to-hub REPO_ID")
+    recovery = _recovery_settings(args)
+    if recovery and args.finetune_steps is None:
+        flags = ", ".join("--finetune-batch-size" if k == "batch_size" else "--" + k.replace("_", "-")
+                          for k in recovery)
+        raise ValueError(f"{flags}: fine-tuning settings, which only apply with --finetune-steps N")
+    if args.finetune_steps is not None:
+        from .integrations.recovery import RecoveryConfig, training_device
+
+        RecoveryConfig(max_steps=args.finetune_steps, **recovery)  # bad settings fail before pruning
+        training_device(config.device)
+        if world > 1:
+            raise ValueError("--finetune-steps runs in one process: prune under accelerate launch without it, then "
+                             "run hf-subprune finetune OUT --data calibration")
     if args.push_to_hub:
         from .outputs.hub import check_can_push
 
@@ -188,8 +273,7 @@ def _prune(args) -> int:
 
     evaluate = None
     if args.evaluate and get_adapter(model.config).causal_lm:
-        evaluate = PerplexityEvaluator(tokenizer, eval_text,
-                                       args.eval_text or "builtin held-out half (pydoc topics)",
+        evaluate = PerplexityEvaluator(tokenizer, eval_text, args.eval_text or BUILTIN_HELDOUT,
                                        window=args.eval_window, max_tokens=args.eval_tokens)
     result = prune(model, tokenizer, args.calibration, config, progress=not args.quiet and main_process,
                    base_model=base, license=base_license(args.model), evaluate=evaluate,
@@ -197,6 +281,15 @@ def _prune(args) -> int:
                    streaming=args.streaming)
     if main_process:
         print(result.summary())
+        if args.finetune_steps is not None:
+            from .integrations.recovery import recover
+
+            if args.distill and "teacher" not in recovery:
+                recovery["teacher"] = args.model  # loads as it loaded for pruning (an alias stays an alias)
+            result = recover(result, "calibration", max_steps=args.finetune_steps, evaluate=evaluate,
+                             device=config.device, dtype=args.dtype, seed=config.seed, progress=not args.quiet,
+                             **recovery)
+            print(result.summary())
         path = result.save(output, overwrite=args.overwrite, check=args.check)
         print(f"saved to {path}")
     finish()
@@ -224,6 +317,21 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _finetune(args) -> int:
+    from .integrations.recovery import recover
+
+    if args.quiet:
+        _quiet()
+    result = recover(args.model, args.data, output=args.output, overwrite=args.overwrite, max_steps=args.max_steps,
+                     epochs=args.epochs, seq_len=args.seq_len, num_samples=args.num_samples, device=args.device,
+                     dtype=args.dtype, seed=args.seed, eval_text=args.eval_text, eval_data=args.eval_data,
+                     text_column=args.text_column, label_column=args.label_column, progress=not args.quiet,
+                     check=args.check, **_recovery_settings(args))
+    print(result.summary())
+    print(f"saved to {args.output}")
+    return 0
+
+
 def _card(args) -> int:
     from .outputs.card import regenerate
 
@@ -246,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     from .outputs.hub import HubError
 
     try:
-        return {"prune": _prune, "eval": _evaluate, "card": _card, "push": _push}[args.command](args)
+        return {"prune": _prune, "eval": _evaluate, "finetune": _finetune, "card": _card,
+                "push": _push}[args.command](args)
     except (UnsupportedModelError, CalibrationError, HubError, FileExistsError, FileNotFoundError, PermissionError,
             ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Quality measures: perplexity on fixed windows, and embedding similarity for encoders."""
+"""Quality measures: perplexity on fixed windows, classification accuracy, and embedding similarity for
+encoders."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["perplexity", "PerplexityEvaluator", "mean_pooled_embeddings", "embedding_cosine"]
+__all__ = ["perplexity", "PerplexityEvaluator", "accuracy", "AccuracyEvaluator", "mean_pooled_embeddings",
+           "embedding_cosine", "BUILTIN_HELDOUT"]
+
+BUILTIN_HELDOUT = "builtin held-out half (pydoc topics)"
+"""The name a protocol gives ``calibration.builtin_text("heldout")``: a report naming it can be measured again."""
 
 
 @torch.no_grad()
@@ -76,3 +81,43 @@ class PerplexityEvaluator:
         out = perplexity(model, self.tokenizer, self.text, window=self.window, max_tokens=self.max_tokens)
         return {"perplexity": out["perplexity"],
                 "perplexity_protocol": {"text": self.name, "window": out["window"], "tokens": out["tokens"]}}
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, texts: list[str], labels: list[int], *, batch_size: int = 32,
+             max_length: int = 128) -> dict:
+    """Accuracy of a sequence-classification model: the arg-max class against ``labels``, texts truncated to
+    ``max_length`` tokens. Returns ``{"accuracy", "examples", "max_length"}``."""
+    classes = model.config.num_labels
+    if max(labels) >= classes or min(labels) < 0:
+        raise ValueError(f"the labels run from {min(labels)} to {max(labels)}, but the model has {classes} classes "
+                         f"(0 to {classes - 1})")
+    device = next(model.parameters()).device
+    correct = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt").to(device)
+            predicted = model(**enc).logits.argmax(-1).cpu()
+            correct += int((predicted == torch.tensor(labels[start : start + batch_size])).sum())
+    finally:
+        model.train(was_training)
+    return {"accuracy": correct / len(texts), "examples": len(texts), "max_length": max_length}
+
+
+@dataclass
+class AccuracyEvaluator:
+    """Accuracy on one labelled set with a fixed protocol: an ``evaluate=`` for ``prune`` and ``recover``."""
+
+    tokenizer: object
+    texts: list[str]
+    labels: list[int]
+    name: str
+    max_length: int = 128
+
+    def __call__(self, model) -> dict:
+        out = accuracy(model, self.tokenizer, self.texts, self.labels, max_length=self.max_length)
+        return {"accuracy": out["accuracy"],
+                "accuracy_protocol": {"data": self.name, "examples": out["examples"], "max_length": self.max_length}}

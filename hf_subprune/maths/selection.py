@@ -12,6 +12,7 @@ S of *groups* of input columns (neurons, or ``head_dim`` columns per head) and n
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Sequence
 
@@ -128,7 +129,9 @@ class SiteStatistics:
 
     def check_finite(self, site: str = "site") -> None:
         for f in fields(self):
-            if not torch.isfinite(getattr(self, f.name)).all():
+            t = getattr(self, f.name)
+            # A sum is finite when every term is (one pass, no mask); only an overflowing sum needs a closer look.
+            if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
                 raise NonFiniteStatisticsError(
                     f"{site}: the calibration statistics ({f.name}) contain NaN or Inf. The forward pass "
                     "overflowed or the model weights are broken: run in float32 (--dtype float32) or check "
@@ -139,8 +142,8 @@ class SiteStatistics:
         """``(G, C, s)`` about the token means: the least-squares problem with a free intercept."""
         n = self.count.clamp_min(1)
         mb, my = self.input_sum / n, self.target_sum / n
-        gram = self.gram - n * torch.outer(mb, mb)
-        cross = self.cross - n * torch.outer(mb, my)
+        gram = torch.addr(self.gram, mb, mb, alpha=-float(n))
+        cross = torch.addr(self.cross, mb, my, alpha=-float(n))
         target_sq = self.target_sq - n * my.square().sum()
         return gram, cross, target_sq
 
@@ -215,10 +218,12 @@ class Selection:
         weight: refitted consumer weight for ``kept_columns`` (m x len(kept_columns)); ``None`` when no
             refit was asked for.
         bias_shift: m-vector to add to the consumer bias (zeros when disabled).
-        curve: reconstruction error after each greedy step (length k); empty for baselines.
+        curve: reconstruction error (damped objective) of the first t picks, for t = 1..k, from the refit's
+            factor in pick order; empty for baselines.
         target_sq: ``sum_t ||y_t||^2``, so that ``curve / target_sq`` is the relative error.
         error: reconstruction error of the returned weights (damped objective), when a refit was done.
-        diagnostics: rank and conditioning figures (see ``greedy_select``).
+        diagnostics: rank and conditioning figures, and the dtype the picks were solved in and why
+            (see ``greedy_select``).
     """
 
     kept: list[int]
@@ -287,6 +292,16 @@ class _Problem:
     lam: torch.Tensor  # per-column ridge lambda_j (d)
     own: torch.Tensor  # undamped diagonal of G, to tell dead or dependent columns
 
+    def to(self, dtype: torch.dtype) -> "_Problem":
+        """The same problem for a solve in ``dtype``. Centring and ridge were done in the statistics' dtype,
+        so a float32 copy only rounds each damped entry (by 6e-8 of it): a perturbation of the order of 6e-8 of
+        the largest variance, well below a ridge of more than ~1e-5 of the diagonal, which bounds how far the
+        residual variances of the greedy can move. ``greedy_select`` checks the outcome rather than assume it."""
+        if dtype == self.gram.dtype:
+            return self
+        return _Problem(self.stats, self.gram.to(dtype), self.cross.to(dtype), self.target_sq, self.lam.to(dtype),
+                        self.own.to(dtype))
+
 
 def _problem(stats: SiteStatistics, bias_shift: bool, dtype: torch.dtype, damping: float,
              prior: torch.Tensor | None, shrinkage: float = 0.0) -> _Problem:
@@ -304,17 +319,21 @@ def _problem(stats: SiteStatistics, bias_shift: bool, dtype: torch.dtype, dampin
     column costs ``lambda_j ||W_j||^2`` (with shrinkage: its own energy ``G_jj ||W_j||^2`` times the shrinkage,
     FLAP's fluctuation score when centred) and, with little data, the refit stays close to the original
     weights rather than shrinking them.
+
+    Centring subtracts ``n mean mean^T`` from the raw sums, which cancels badly where the means are large: it is
+    done in the wider of the statistics' dtype and ``dtype``, and only the damped result is cast to ``dtype``.
     """
-    stats = stats.to(dtype=dtype)
+    stats = stats.to(dtype=torch.promote_types(stats.gram.dtype, dtype))
     gram, cross, target_sq = stats.centred() if bias_shift else (stats.gram, stats.cross, stats.target_sq)
     own = gram.diagonal().clone()
     lam = _damping(gram, damping) + shrinkage * own.clamp_min(0)
-    gram = gram + torch.diag(lam)
+    gram = gram.clone() if gram is stats.gram else gram
+    gram.diagonal().add_(lam)
     if prior is not None and bool((lam > 0).any()):
         w = prior.to(cross)
-        cross = cross + lam[:, None] * w.T
+        cross = torch.addcmul(cross, lam[:, None], w.T)
         target_sq = target_sq + (lam * w.square().sum(0)).sum()
-    return _Problem(stats, gram, cross, float(target_sq), lam, own)
+    return _Problem(stats, gram, cross, float(target_sq), lam, own).to(dtype)
 
 
 def auto_shrinkage(stats: SiteStatistics) -> float:
@@ -322,6 +341,50 @@ def auto_shrinkage(stats: SiteStatistics) -> float:
     its own energy as much as the correlations say it can be rebuilt, which keeps the cut sound on text unlike
     the calibration; more when there are fewer tokens than input columns and the sample covariance is singular."""
     return max(1.0, stats.in_features / max(float(stats.tokens), 1.0))
+
+
+@dataclass
+class _Fit:
+    """The least-squares weights of a column set, and what their Cholesky factor tells on the way."""
+
+    weight: torch.Tensor  # m x |S|, columns ascending
+    bias_shift: torch.Tensor  # m
+    error: float  # damped objective at the optimum
+    step_gains: torch.Tensor  # error drop of each column, in the order given (float64, CPU)
+    diagnostics: dict
+
+
+def _fit(prob: _Problem, cols: torch.Tensor, bias_shift: bool) -> _Fit:
+    """Solve ``W'^T = (G_SS + lambda)^{-1} C_S`` for the columns ``cols`` taken in the order given.
+
+    ``G_SS = L L^T`` and ``U = L^{-1} C_S``: row t of U holds what column t adds to the fit once the columns
+    before it are in, so in the greedy's pick order the rows' squared norms are its error curve, computed
+    afresh from the statistics rather than carried through the greedy's updates.
+    """
+    stats, cross, target_sq = prob.stats, prob.cross, prob.target_sq
+    m = cross.shape[1]
+    n, target_sum = stats.count.clamp_min(1).to(cross), stats.target_sum.to(cross)
+    if cols.numel() == 0:
+        shift = target_sum / n if bias_shift else cross.new_zeros(m)
+        return _Fit(cross.new_zeros(m, 0), shift, target_sq, torch.zeros(0, dtype=torch.float64), {"rank": 0})
+    factor = _jittered_cholesky(prob.gram.index_select(0, cols).index_select(1, cols))
+    # Right-hand solves on the m x |S| transposes: the same products, about twice as fast in CPU LAPACK.
+    whitened_t = torch.linalg.solve_triangular(factor.T, cross[cols].T, upper=True, left=False)  # U^T
+    weight = torch.linalg.solve_triangular(factor, whitened_t, upper=False, left=False)  # m x |S|, cols' order
+    ascending = torch.argsort(cols)
+    weight, cols = weight[:, ascending].contiguous(), cols[ascending]
+    step_gains = whitened_t.square().sum(0).to(device="cpu", dtype=torch.float64)
+    error = target_sq - float(step_gains.sum())
+    if bias_shift:
+        shift = target_sum / n - weight @ (stats.input_sum[cols].to(cross) / n)
+    else:
+        shift = cross.new_zeros(m)
+    pivots = factor.diagonal().square()
+    diagnostics = {
+        "damping": float(prob.lam.mean()),
+        "condition_estimate": float(pivots.max() / pivots.min().clamp_min(torch.finfo(pivots.dtype).tiny)),
+    }
+    return _Fit(weight, shift, error, step_gains, diagnostics)
 
 
 def refit(
@@ -343,33 +406,13 @@ def refit(
     ``c = mean(y) - W' mean(b_S)`` is exact.
 
     Returns:
-        ``(weight m x |S|, bias_shift m, error, diagnostics)`` in the statistics' dtype.
+        ``(weight m x |S|, bias_shift m, error, diagnostics)`` in ``dtype`` (default: the statistics' dtype).
     """
     stats.check_finite(site)
-    dtype = dtype or stats.gram.dtype
-    prob = _problem(stats, bias_shift, dtype, damping, prior, shrinkage)
-    stats, cross, target_sq = prob.stats, prob.cross, prob.target_sq
-    cols = torch.as_tensor(kept_columns, dtype=torch.long, device=cross.device).sort().values
-    m = cross.shape[1]
-    if cols.numel() == 0:
-        shift = stats.target_sum / stats.count.clamp_min(1) if bias_shift else cross.new_zeros(m)
-        return cross.new_zeros(m, 0), shift, target_sq, {"rank": 0}
-    factor = _jittered_cholesky(prob.gram[cols][:, cols])
-    c_s = cross[cols]
-    w_t = torch.cholesky_solve(c_s, factor)  # |S| x m
-    # Damped objective: s - 2 tr(W C) + tr(W (G + lam) W^T) = s - tr(W C) at the optimum.
-    error = target_sq - float((w_t * c_s).sum())
-    if bias_shift:
-        n = stats.count.clamp_min(1)
-        shift = stats.target_sum / n - w_t.T @ (stats.input_sum[cols] / n)
-    else:
-        shift = cross.new_zeros(m)
-    pivots = factor.diagonal().square()
-    diagnostics = {
-        "damping": float(prob.lam.mean()),
-        "condition_estimate": float(pivots.max() / pivots.min().clamp_min(torch.finfo(dtype).tiny)),
-    }
-    return w_t.T.contiguous(), shift, error, diagnostics
+    prob = _problem(stats, bias_shift, dtype or stats.gram.dtype, damping, prior, shrinkage)
+    cols = torch.as_tensor(kept_columns, dtype=torch.long, device=prob.gram.device).sort().values
+    fit = _fit(prob, cols, bias_shift)
+    return fit.weight, fit.bias_shift, fit.error, fit.diagnostics
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,10 +445,22 @@ TIE_RTOL = 1e-4
 common (late MLP steps, similar heads); without a margin a rounding-level change in the statistics (another
 batch size, process count or accumulation order) flips such picks, and the flips compound over the blocks."""
 
+FLOAT32_GAIN_RTOL = TIE_RTOL
+"""A float32 greedy is kept when the gain it saw at each live pick is within this relative margin of the gain
+the refit computes for that pick in the statistics' dtype: it chose within the tie margin."""
+
+FLOAT32_GAIN_FLOOR = 1e-6
+"""Gains below this fraction of the largest gain are left out of that comparison: float32 resolves them only to
+~1e-7 of the largest, and a pick among them moves the error by less than that fraction."""
+
+GREEDY_BLOCK = 64
+"""Single-column greedy steps between two block updates of its residual matrices (see ``_greedy_neurons``)."""
+
 
 class _Picker:
     """Which group a greedy step takes: among the live candidates whose gain is within ``rtol`` (relative)
-    of the best, the lowest index; within quotas."""
+    of the best, the lowest index; within quotas. ``take`` stays on the device (a 0-dim index, no host sync),
+    so a GPU greedy queues its steps without waiting for each pick."""
 
     def __init__(self, num_groups: int, partition: torch.Tensor | None, per_class: int | None, device,
                  rtol: float = TIE_RTOL) -> None:
@@ -416,83 +471,157 @@ class _Picker:
         self.counts = (torch.zeros(int(partition.max()) + 1, dtype=torch.long, device=device)
                        if partition is not None else None)
 
-    def pick(self, gain: torch.Tensor) -> int:
+    def take(self, gain: torch.Tensor) -> torch.Tensor:
+        """The pick for gains ``>= 0`` (``-1`` masks the others), as a 0-dim long tensor on the gains' device."""
         candidates = self.available
         if self.partition is not None:
-            candidates = candidates & (self.counts[self.partition] < self.per_class)
-        masked = torch.where(candidates, gain, torch.full_like(gain, -1.0))
+            candidates = candidates & (self.counts.index_select(0, self.partition) < self.per_class)
+        masked = torch.where(candidates, gain, -1.0)
         best = masked.max()
         near = candidates & (masked >= best - self.rtol * best.abs())
-        g = int(torch.argmax(near.to(torch.uint8)))  # the first (lowest-index) near-best candidate
-        self.available[g] = False
+        g = torch.argmax(near.view(torch.uint8))  # the first (lowest-index) near-best candidate
+        self.available.index_fill_(0, g.view(1), False)
         if self.partition is not None:
-            self.counts[self.partition[g]] += 1
+            self.counts.index_add_(0, self.partition.index_select(0, g.view(1)), torch.ones_like(g).view(1))
         return g
 
+    def pick(self, gain: torch.Tensor) -> int:
+        return int(self.take(gain))
 
-def _greedy_neurons(gram, cross, lam: torch.Tensor, own: torch.Tensor, k: int, r: int, picker: _Picker, tol: float):
-    """Single-column groups. ``C_r`` is never formed: the factor ``F`` (d x s) and the whitened targets
-    ``U`` (s x m) represent it as ``C - F U``, and only the squared row norms of ``C_r`` are updated,
-    so a step reads C once (``C u``), F once and U once: O(d (s + m)) with s kept so far."""
+
+@dataclass
+class _Run:
+    """One greedy pass: picks, the gain each pick was taken with, whether it was live, and how many groups
+    this dtype found dependent although they are not dead (nothing to tell apart in float64)."""
+
+    kept: list[int]
+    gains: torch.Tensor  # k, float64 on CPU
+    live: torch.Tensor  # k, bool on CPU
+    undecided: int
+
+
+def _symmetric_product(x: torch.Tensor, out: torch.Tensor, panels: int = 8) -> None:
+    """``out = x x^T``: the lower triangle by panels of rows (about half the products of one matmul), each
+    panel's block above the diagonal copied from its mirror."""
+    n = x.shape[0]
+    bounds = [round(i * n / panels) for i in range(panels + 1)]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        torch.mm(x[lo:hi], x[:hi].T, out=out[lo:hi, :hi])
+        out[:lo, lo:hi] = out[lo:hi, :lo].T
+
+
+def _greedy_neurons(gram, cross, lam: torch.Tensor, own: torch.Tensor, k: int, picker: _Picker, tol: float) -> _Run:
+    """Single-column groups, right-looking and blocked.
+
+    The state is the residual gram ``G_r = G - F F^T`` and ``H_r = C_r C_r^T`` (``C_r = C - F U``, the cross
+    term with the kept columns projected out), both d x d. Picking column j with pivot ``p^2 = G_r[j, j]``
+    gives the new factor column ``q = G_r[:, j] / p`` and ``C_r u = H_r[:, j] / p``, which update the
+    residual variances (``-q^2``) and ``||C_r[i]||^2`` (``-q (2 C_r u - q ||u||^2)``), so a step reads two
+    rows instead of C (d x m) and F (d x s). Rows are read as of the last block update and brought up to date
+    by the (at most ``GREEDY_BLOCK``) picks since, whose ``q`` and ``C_r u`` are kept; every block ends with
+    one rank-block update of the rows still in play (matrix products). Steps make no host sync; a block
+    makes one, to move the picked rows out of play.
+    """
     d, m = cross.shape
     dtype, device = cross.dtype, cross.device
-    tiny = torch.finfo(dtype).tiny
-    own = own.clamp_min(tiny)  # undamped: a dead column stays dead under the ridge
-    resid = gram.diagonal().clone()  # residual variances G_r[j, j] of the damped problem
+    own = own.clamp_min(0)  # undamped: a dead column stays dead under the ridge
+    rows = torch.empty(2, d, d, dtype=dtype, device=device)  # [G_r; H_r], rows permuted (``at``), columns not
+    rows[0] = gram
+    _symmetric_product(cross, out=rows[1])
+    excess = own.clone()  # residual variance beyond the ridge: G_r[j, j] - lambda_j, without the cancellation
     norms = cross.square().sum(1)  # ||C_r[j]||^2
-    # Row t of ``factor_t`` is the t-th factor column, so that ``factor_t[:s]`` is contiguous.
-    factor_t = torch.zeros(k, d, dtype=dtype, device=device)
-    whitened = torch.zeros(k, m, dtype=dtype, device=device)
-    kept, gains, dependent, s = [], torch.zeros(k, dtype=dtype), 0, 0
-    for step in range(k):
-        live = resid - lam > tol * own
-        gain = torch.where(live, norms.clamp_min(0) / resid.clamp_min(tiny), torch.zeros_like(norms))
-        j = picker.pick(gain)
-        kept.append(j)
-        if not bool(live[j]):
-            dependent += 1  # in the span of the kept columns (or dead): contributes nothing
-            continue
-        pivot = resid[j].sqrt()
-        f_j = factor_t[:s, j]
-        u = (cross[j] - f_j @ whitened[:s]) / pivot
-        # One pass over F for both F f_j (the new factor column) and F (U u) (for C_r u). Written as
-        # (2 x s) @ (s x d): the (d x s) @ (s x 2) form is ~40x slower in CPU BLAS.
-        both = torch.stack([f_j, whitened[:s] @ u]) @ factor_t[:s]
-        q = (gram[j] - both[0]) / pivot
-        c_r_u = cross @ u - both[1]
-        u_sq = u.dot(u)
-        norms += q * (q * u_sq - 2 * c_r_u)
-        resid -= q.square()
-        factor_t[s], whitened[s] = q, u
-        gains[step] = u_sq
-        s += 1
-    return kept, gains, dependent
+    threshold = tol * own
+    zero = torch.zeros((), dtype=dtype, device=device)
+    kept = torch.zeros(k, dtype=torch.long, device=device)
+    gains = torch.zeros(k, dtype=dtype, device=device)
+    live_picks = torch.zeros(k, dtype=torch.bool, device=device)
+    order = list(range(d))  # order[p]: the column whose row is at position p; the first ``active`` are in play
+    at = torch.arange(d, device=device)  # at[c]: the position of column c's row
+    active = d
+    for start in range(0, k, GREEDY_BLOCK):
+        b = min(GREEDY_BLOCK, k - start)
+        recent = torch.zeros(2 * b, d, dtype=dtype, device=device)  # rows 2i, 2i+1: q and C_r u of pick i
+        coef = torch.zeros(2, b, 2, dtype=dtype, device=device)
+        usq = gains[start : start + b]  # ||u||^2 of each pick: its gain
+        for i in range(b):
+            step = start + i
+            resid = excess + lam
+            live = excess > threshold
+            j = picker.take(torch.where(live, norms / resid, zero).clamp_min_(0))
+            jj = j.view(1)
+            live_j = live.index_select(0, jj)
+            scale = torch.where(live_j, resid.index_select(0, jj).rsqrt(), zero)  # 1 / p; 0 adds nothing
+            row = rows.index_select(1, at.index_select(0, jj)).view(2, d)
+            if i:
+                # G_r[j] -= sum_l q_l q_l[j];  H_r[j] -= sum_l q_l (c_l[j] - |u_l|^2 q_l[j]) + c_l q_l[j]
+                col = recent[: 2 * i].index_select(1, jj).view(i, 2)  # (q_l[j], c_l[j])
+                coef[0, :i, 0] = col[:, 0]
+                coef[1, :i] = col.flip(1)
+                coef[1, :i, 0].addcmul_(usq[:i], col[:, 0], value=-1)
+                row = row - coef[:, :i].reshape(2, 2 * i) @ recent[: 2 * i]
+            new = recent[2 * i : 2 * i + 2]
+            torch.mul(row, scale, out=new)
+            q, c_r_u = new[0], new[1]
+            torch.mul(c_r_u.index_select(0, jj), scale, out=usq[i : i + 1])
+            norms.addcmul_(q, (q * usq[i]).add_(c_r_u, alpha=-2))
+            excess.addcmul_(q, q, value=-1)
+            kept[step : step + 1] = jj
+            live_picks[step : step + 1] = live_j
+        if start + b == k:
+            break
+        # Move this block's picks out of play (a hole before the new end takes a row from after it) ...
+        positions = sorted(int(p) for p in at[kept[start : start + b]].tolist())
+        active -= b
+        holes = [p for p in positions if p < active]
+        movers = sorted(set(range(active, active + b)) - set(positions))
+        if holes:
+            rows[:, holes] = rows[:, movers]
+            for h, mv in zip(holes, movers):
+                order[h] = order[mv]
+            at[[order[h] for h in holes]] = torch.tensor(holes, device=device)
+        # ... and bring the rows in play up to date: G_r -= Q^T Q, H_r -= Q^T X + X^T Q, X = C - |u|^2 Q / 2.
+        q_b, c_b = recent[0::2], recent[1::2]
+        x_b = c_b - q_b * (usq[:, None] / 2)
+        cols = torch.tensor(order[:active], device=device)
+        rows[0, :active].addmm_(q_b[:, cols].T, q_b, alpha=-1)
+        rows[1, :active].addmm_(torch.cat([q_b, x_b])[:, cols].T, torch.cat([x_b, q_b]), alpha=-1)
+    picked_dependent = torch.zeros(d, dtype=torch.bool, device=device).index_put_((kept,), ~live_picks)
+    found_dependent = picked_dependent | (picker.available & (excess <= threshold))
+    undecided = int((found_dependent & (own > 0)).sum())
+    return _Run(kept.tolist(), gains.to(device="cpu", dtype=torch.float64), live_picks.cpu(), undecided)
 
 
-def _greedy_groups(gram, cross, lam: torch.Tensor, own: torch.Tensor, k: int, r: int, picker: _Picker, tol: float):
+def _greedy_groups(gram, cross, lam: torch.Tensor, own: torch.Tensor, k: int, r: int, picker: _Picker,
+                   tol: float) -> _Run:
     """Groups of r columns (heads): keeps ``C_r`` and the residual diagonal blocks, updated by rank-r
-    products; a group's gain needs its block's Cholesky factor (batched over groups)."""
+    products; a group's gain needs its block's Cholesky factor (batched over groups). A step costs
+    4 d r m in matrix products (the gains' ``C_r[g] C_r[g]^T`` and the update of ``C_r``): ``k`` is a few
+    dozen heads, and keeping ``C_r`` (d x m) is cheaper than building the d x d ``C C^T`` that
+    ``_greedy_neurons`` reads instead."""
     d, m = cross.shape
     dtype, device = cross.dtype, cross.device
     ng = d // r
     c_r = cross.clone()
     blocks = gram.view(ng, r, ng, r).diagonal(dim1=0, dim2=2).permute(2, 0, 1).clone()  # ng x r x r
-    own = own.view(ng, r).sum(-1).clamp_min(torch.finfo(dtype).tiny)  # undamped
-    lam_groups = lam.view(ng, r).sum(-1)
+    own = own.clamp_min(0).view(ng, r).sum(-1)  # undamped
+    excess = own.clone()  # trace of the residual block beyond the ridge
+    threshold = tol * own
     eye_r = torch.eye(r, dtype=dtype, device=device)
     factor = torch.zeros(d, k * r, dtype=dtype, device=device)
-    kept, gains, dependent, used = [], torch.zeros(k, dtype=dtype), 0, 0
+    kept, gains, live_picks, used = [], torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.bool), 0
     for step in range(k):
-        live = blocks.diagonal(dim1=-2, dim2=-1).sum(-1) - lam_groups > tol * own
+        live = excess > threshold
         # Picked and dependent blocks are masked; factor identities there instead.
         chol = _jittered_cholesky(torch.where((live & picker.available)[:, None, None], blocks, eye_r))
-        gain = torch.linalg.solve_triangular(chol, c_r.view(ng, r, m), upper=False).square().sum((-2, -1))
-        g = picker.pick(torch.where(live, gain, torch.zeros_like(gain)))
+        # ||L_g^{-1} C_r[g]||^2 = tr(B_g^{-1} C_r[g] C_r[g]^T): one batched product, then r x r solves.
+        c_g = c_r.view(ng, r, m)
+        gain = torch.cholesky_solve(c_g @ c_g.transpose(1, 2), chol).diagonal(dim1=-2, dim2=-1).sum(-1)
+        g = int(picker.take(torch.where(live, gain, torch.zeros_like(gain))))
         kept.append(g)
         if not bool(live[g]):
-            dependent += 1
             continue
-        gains[step] = gain[g].cpu()
+        live_picks[step] = True
+        gains[step] = float(gain[g])
         rows = slice(g * r, (g + 1) * r)
         # New factor columns: the group's residual gram columns, whitened by its block's Cholesky factor.
         v = gram[rows].T.clone()  # d x r (rows of a symmetric matrix: contiguous reads)
@@ -505,7 +634,66 @@ def _greedy_groups(gram, cross, lam: torch.Tensor, own: torch.Tensor, k: int, r:
         c_r.addmm_(q, u, alpha=-1)
         qg = q.reshape(ng, r, r)
         blocks -= qg @ qg.transpose(-1, -2)
-    return kept, gains, dependent
+        excess -= qg.square().sum((-2, -1))
+    picked_dependent = torch.zeros(ng, dtype=torch.bool)
+    picked_dependent[kept] = ~live_picks
+    found_dependent = picked_dependent.to(device) | (picker.available & (excess <= threshold))
+    undecided = int((found_dependent & (own > 0)).sum())
+    return _Run(kept, gains, live_picks, undecided)
+
+
+@contextmanager
+def _exact_float32_matmul():
+    """Full-precision float32 products: TF32 (10-bit mantissa), if the caller enabled it, would swamp the gains."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _greedy(prob: _Problem, layout: GroupLayout, k: int, partition, per_class, tie_rtol: float) -> _Run:
+    """The greedy in ``prob``'s dtype, in group-contiguous order (row p of every state tensor is column
+    ``order[p]``)."""
+    gram, cross, dtype = prob.gram, prob.cross, prob.gram.dtype
+    device, d = gram.device, gram.shape[0]
+    order = layout.columns.to(device).flatten()
+    identity = bool(torch.equal(order, torch.arange(d, device=device)))
+    gram_p = gram if identity else gram.index_select(0, order).index_select(1, order)
+    cross_p = cross if identity else cross.index_select(0, order)
+    own = prob.own if identity else prob.own[order]
+    lam = prob.lam if identity else prob.lam[order]
+    picker = _Picker(layout.num_groups, partition, per_class, device, tie_rtol)
+    tol = _dependence_tol(dtype)
+    with _exact_float32_matmul():
+        if layout.group_size == 1:
+            return _greedy_neurons(gram_p, cross_p, lam, own, k, picker, tol)
+        return _greedy_groups(gram_p, cross_p, lam, own, k, layout.group_size, picker, tol)
+
+
+def _float32_verdict(run: _Run, fit: _Fit, r: int) -> tuple[float | None, str | None]:
+    """The largest relative error of the float32 gains (``None``: not measured), and why the float32 greedy
+    cannot stand (``None``: it can), judged against the refit of its picks.
+
+    - A group it found dependent that is not dead: float32 resolves a residual variance to ~1e-6 of the
+      column's own, so it cannot tell a dependent group (float64's threshold is 1e-9) from a nearly dependent
+      one, which float64 would still rank by its gain.
+    - A live pick whose float32 gain differs from the gain the refit computes for it, in the statistics' dtype
+      from a fresh factorisation, by more than ``FLOAT32_GAIN_RTOL`` (relative; gains below
+      ``FLOAT32_GAIN_FLOOR`` of the largest left out): its step was not decided within the tie margin.
+    """
+    if run.undecided:
+        return None, f"{run.undecided} groups found dependent in float32 are not dead"
+    if not run.kept:
+        return 0.0, None
+    exact = fit.step_gains.view(-1, r).sum(1)
+    live = run.live & (exact > FLOAT32_GAIN_FLOOR * float(exact.max()))
+    error = ((run.gains - exact).abs() / exact.clamp_min(torch.finfo(torch.float64).tiny))[live]
+    worst = float(error.max()) if error.numel() else 0.0
+    if worst > FLOAT32_GAIN_RTOL:
+        return worst, f"a float32 gain is off by {worst:.1e} (relative) > {FLOAT32_GAIN_RTOL:g}"
+    return worst, None
 
 
 @torch.no_grad()
@@ -529,15 +717,23 @@ def greedy_select(
 
     Each step adds the group with the largest gain ``||L_g^{-1} C_r[g]||_F^2``, where ``C_r`` is the cross
     term with the kept groups projected out and ``L_g L_g^T`` the group's residual gram block; then it
-    extends a Cholesky-like factor ``F`` (d x kept columns) by the new group and updates ``C_r`` and the
-    residual diagonal blocks by rank-r products. Nothing is re-solved from scratch and no Python loop runs
-    over d: with groups of r columns a step costs O(d (|S| r + m r)), so k steps cost O(k d (k r + m) r)
-    (O(k d (k + m)) for single neurons), plus O(|S|^3) once for the refit.
+    extends a Cholesky-like factor by the new group and updates the residual state by rank-r products.
+    Nothing is re-solved from scratch and no Python loop runs over d (see ``_greedy_neurons`` and
+    ``_greedy_groups`` for the costs).
 
     The problem is damped by ``lambda = damping * mean(diag G)`` (the same ridge that the refit uses), so
     the error curve and the returned weights are consistent. Groups whose residual variance is negligible
     (in the span of the kept ones, or dead) get zero gain and are only picked once nothing else is left;
     such picks are counted in ``diagnostics["dependent_picks"]``.
+
+    Precision: by default the greedy runs in float32 on the statistics' device (it is bound by memory traffic
+    and matrix products, twice as fast as float64 on a CPU and far faster on a GPU), and the refit of its picks
+    (one Cholesky solve) in the statistics' dtype, centred and damped there before any cast. The refit's
+    factor, taken in pick order, gives every step's exact gain, hence ``curve``; the float32 greedy stands if
+    ``_float32_verdict`` finds nothing, otherwise the site is solved again in float64. Sites keeping at least
+    as many columns as there are tokens (a singular gram at the end) go to float64 at once.
+    ``diagnostics["solve_dtype"]`` says which dtype the greedy's picks come from and
+    ``diagnostics["solve_dtype_reason"]`` why.
 
     Args:
         stats: the site's statistics.
@@ -551,45 +747,51 @@ def greedy_select(
         bias_shift: fit an intercept (returned as ``bias_shift``) by centring the statistics.
         partition: class of each group (e.g. its kv head); with ``per_class`` keeps exactly that many
             groups in every class (grouped-query attention stays valid).
-        dtype: dtype to solve in (default: the statistics' dtype; float32 and float64 both work).
+        dtype: solve greedy and refit in this dtype, unchecked (default: the automatic choice above).
         tie_rtol: gains within this relative margin of the step's best tie; the lowest index wins (``TIE_RTOL``).
         site: name used in error messages.
     """
     stats.check_finite(site)
-    dtype = dtype or stats.gram.dtype
-    prob = _problem(stats, bias_shift, dtype, damping, prior, shrinkage)
-    gram, cross, target_sq = prob.gram, prob.cross, prob.target_sq
-    d, m = cross.shape
+    exact = dtype or torch.promote_types(stats.gram.dtype, torch.float32)
+    prob = _problem(stats, bias_shift, exact, damping, prior, shrinkage)
+    d = prob.gram.shape[0]
     layout = GroupLayout.build(d, group_size, groups)
     k, partition = check_budget(k, layout, partition, per_class)
-    device = gram.device
-    r, ng = layout.group_size, layout.num_groups
-    cols = layout.columns.to(device)
+    r = layout.group_size
 
-    # Work in group-contiguous order: row p of every state tensor is column order[p].
-    order = cols.flatten()
-    identity = bool(torch.equal(order, torch.arange(d, device=device)))
-    gram_p = gram if identity else gram.index_select(0, order).index_select(1, order)
-    cross_p = cross if identity else cross.index_select(0, order)
-    own = prob.own if identity else prob.own[order]
-    lam = prob.lam if identity else prob.lam[order]
-    picker = _Picker(ng, partition, per_class, device, tie_rtol)
-    run = _greedy_neurons if r == 1 else _greedy_groups
-    kept, gains, dependent_picks = run(gram_p, cross_p, lam, own, k, r, picker, _dependence_tol(dtype))
+    if dtype is not None:
+        work, reason = dtype, "requested"
+    elif k * r >= float(stats.tokens):
+        work, reason = torch.float64, f"keeps {k * r} columns from {int(stats.tokens)} tokens: a singular gram"
+    else:
+        work, reason = torch.float32, ""
+    run = _greedy(prob.to(work), layout, k, partition, per_class, tie_rtol)
+    pick_order = layout.columns[run.kept].flatten().to(prob.gram.device)
+    fit = _fit(prob, pick_order, bias_shift)
+    checked = {}
+    if dtype is None and work == torch.float32:
+        worst, verdict = _float32_verdict(run, fit, r)
+        checked["float32_gain_error"] = worst
+        if verdict is None:
+            reason = f"float32 gains within {worst:.1e} (relative) of the refit's"
+        else:
+            work, reason = torch.float64, verdict
+            prob = prob.to(torch.float64)
+            run = _greedy(prob, layout, k, partition, per_class, tie_rtol)
+            pick_order = layout.columns[run.kept].flatten().to(prob.gram.device)
+            fit = _fit(prob, pick_order, bias_shift)
 
-    curve = target_sq - torch.cumsum(gains, 0)
-    kept_columns = layout.kept_columns(kept)
-    weight, shift, error, diag = refit(stats, kept_columns, damping=damping, bias_shift=bias_shift, prior=prior,
-                                       shrinkage=shrinkage, dtype=dtype, site=site)
-    diag.update(dependent_picks=dependent_picks, rank=len(kept) - dependent_picks)
+    dependent_picks = int((~run.live).sum())
+    diag = dict(fit.diagnostics, dependent_picks=dependent_picks, rank=k - dependent_picks,
+                solve_dtype=str(work).removeprefix("torch."), solve_dtype_reason=reason, **checked)
     return Selection(
-        kept=kept,
-        kept_columns=kept_columns,
-        weight=weight,
-        bias_shift=shift,
-        curve=curve,
+        kept=run.kept,
+        kept_columns=layout.kept_columns(run.kept),
+        weight=fit.weight,
+        bias_shift=fit.bias_shift,
+        curve=prob.target_sq - torch.cumsum(fit.step_gains.view(-1, r).sum(1), 0),
         target_sq=float(prob.stats.target_sq),
-        error=error,
+        error=fit.error,
         diagnostics=diag,
     )
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..adapters import ADAPTERS
-from ..files import REPORT_FILE
+from ..files import CALIBRATION_FILE, REPORT_FILE
 
 __all__ = ["build_card", "write_card", "write_plots", "regenerate"]
 
@@ -44,6 +44,39 @@ def _layer_rows(report: dict) -> list[dict]:
                      "mlp_error": _fmt(errors[(i, "mlp")]) if (i, "mlp") in errors else "-",
                      "attention_error": _fmt(errors[(i, "attention")]) if (i, "attention") in errors else "-"})
     return rows
+
+
+def _recovery(report: dict) -> dict | None:
+    """The Recovery section's facts: how the pruned model was fine-tuned, and its quality before and after."""
+    recovery = report.get("recovery")
+    if not recovery:
+        return None
+    data, lora, distill = recovery["data"], recovery.get("lora"), recovery.get("distill")
+    size = (f"{data['num_samples']} x {data['seq_len']} = {data['tokens']:,} tokens" if "seq_len" in data
+            else f"{data['num_samples']} labelled texts of at most {data['max_length']} tokens")
+    source = ("the calibration samples of the cut" if data["source"] == "calibration" else f"`{data['source']}`")
+    protocols = [p for name, p in recovery.get("evaluation", {}).items() if name.endswith("_protocol")]
+    return {
+        "training": (f"LoRA (r = {lora['r']}, alpha = {lora['alpha']}, dropout {lora['dropout']}) on every linear "
+                     "layer, merged into the weights" if lora else "full fine-tuning of every weight"),
+        "loss": (f"KL divergence from the output distribution of {distill['teacher']} (temperature "
+                 f"{distill['temperature']:g}" + (f", weight {distill['kl_weight']:g} with the model's own loss)"
+                                                  if distill["kl_weight"] < 1 else ")")
+                 if distill else ("cross-entropy on the labels" if data.get("labelled") else "next-token loss")),
+        "data": f"{source} ({size}, fingerprint `{data['fingerprint']}`)",
+        "steps": recovery["steps"], "tokens": f"{recovery['tokens']:,}", "seconds": f"{recovery['seconds']:.1f}",
+        "learning_rate": f"{recovery['learning_rate']:g}", "batch_size": recovery["batch_size"],
+        "rows": _evaluation_rows(recovery.get("evaluation", {})),
+        "protocol": _protocol_text(protocols[0]) if protocols else None,
+    }
+
+
+def _protocol_text(protocol: dict) -> str:
+    if "window" in protocol:
+        return (f"Perplexity on {protocol['text']}: {protocol['tokens']} tokens in non-overlapping windows of "
+                f"{protocol['window']}.")
+    return (f"Accuracy on {protocol['data']}: {protocol['examples']} examples, truncated to {protocol['max_length']} "
+            "tokens.")
 
 
 def _datasets(report: dict) -> list[str] | None:
@@ -132,8 +165,8 @@ def build_card(report: dict, plots: list[dict] | None = None, file_size: dict | 
         uniform=report.get("uniform", True),
         layer_rows=_layer_rows(report),
         evaluation_rows=_evaluation_rows(evaluation),
-        protocol=(f"Perplexity on {protocol['text']}: {protocol['tokens']} tokens in non-overlapping windows of "
-                  f"{protocol['window']}." if protocol else None),
+        protocol=_protocol_text(protocol) if protocol else None,
+        recovery=_recovery(report),
         plots=plots or [],
         settings=settings,
         notes=report.get("notes", []),
@@ -145,18 +178,23 @@ def build_card(report: dict, plots: list[dict] | None = None, file_size: dict | 
 def _eval_results(evaluation: dict, report: dict):
     from huggingface_hub import EvalResult
 
-    ppl = evaluation["perplexity"]
-    protocol = evaluation.get("perplexity_protocol", {})
     task = _pipeline_tag(report) or "text-generation"
-    dataset = str(protocol.get("text", "held-out text"))
-    return [EvalResult(task_type=task, dataset_type=dataset, dataset_name=Path(dataset).name or dataset,
-                       metric_type="perplexity", metric_name=f"perplexity ({stage})", metric_value=round(value, 4))
-            for stage, value in (("base", ppl["before"]), ("pruned", ppl["after"]))]
+    recovered = (report.get("recovery") or {}).get("evaluation", {})
+    rows = [(evaluation, "base", "before"), (evaluation, "pruned", "after")]
+    if recovered.get("perplexity"):
+        rows.append((recovered, "recovered", "after"))
+    results = []
+    for source, stage, key in rows:
+        dataset = str(source.get("perplexity_protocol", {}).get("text", "held-out text"))
+        results.append(EvalResult(task_type=task, dataset_type=dataset, dataset_name=Path(dataset).name or dataset,
+                                  metric_type="perplexity", metric_name=f"perplexity ({stage})",
+                                  metric_value=round(source["perplexity"][key], 4)))
+    return results
 
 
 def write_card(folder: Path, report: dict) -> Path:
     folder = Path(folder)
-    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors") if p.name != CALIBRATION_FILE)
     bytes_per_param = weights / max(report["parameters"]["after"], 1)
     file_size = {"base": _size(int(report["parameters"]["before"] * bytes_per_param)) + " (same dtype)",
                  "pruned": _size(weights)} if weights else None

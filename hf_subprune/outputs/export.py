@@ -17,10 +17,11 @@ import torch
 from ..adapters import auto_class_for
 from ..logs import get_logger
 from .card import write_card
-from ..files import REPORT_FILE
+from ..files import CALIBRATION_FILE, REPORT_FILE
 from .heterogeneous import needs_heterogeneous, write_heterogeneous
 
-__all__ = ["ExportCheckError", "check_output_folder", "save_pruned", "check_reload"]
+__all__ = ["ExportCheckError", "check_output_folder", "save_pruned", "check_reload", "save_calibration_ids",
+           "load_calibration_ids"]
 
 
 class ExportCheckError(RuntimeError):
@@ -129,6 +130,8 @@ def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = Tr
         report = result.report(export="heterogeneous" if heterogeneous else "stock", reload_check=reload_check)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
         result.config.save_pretrained(tmp)
+        if getattr(result, "input_ids", None) is not None:
+            save_calibration_ids(result.input_ids, tmp)
         write_card(tmp, report)
         _make_readable(tmp)
         if path.exists():
@@ -145,6 +148,23 @@ def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = Tr
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def save_calibration_ids(input_ids: torch.Tensor, folder: Path) -> Path:
+    """The calibration tokens in their own dtype, so that their fingerprint (of the raw bytes) can be checked."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / CALIBRATION_FILE
+    save_file({"input_ids": input_ids.detach().cpu().contiguous()}, str(path))
+    return path
+
+
+def load_calibration_ids(folder: Path) -> torch.Tensor | None:
+    """The calibration tokens a save stored, or None when the folder has none."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / CALIBRATION_FILE
+    return load_file(str(path))["input_ids"] if path.is_file() else None
 
 
 _log = get_logger(__name__)

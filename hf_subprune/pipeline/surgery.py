@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -9,7 +14,53 @@ from ..adapters import Adapter
 from .widths import Widths
 
 __all__ = ["cut_rows", "set_consumer", "apply_selection", "attention_widths", "set_head_attributes", "update_config",
-           "add_consumer_bias"]
+           "add_consumer_bias", "ParameterCut", "record_cuts"]
+
+
+@dataclass(frozen=True)
+class ParameterCut:
+    """One parameter the surgery replaced, so that whoever holds the old one (an optimizer and its moments) can
+    follow: ``getattr(module, name)`` was ``old`` and is now ``new``.
+
+    Attributes:
+        dim / kept: ``new`` holds the entries ``kept`` (ascending indices into ``old``) along ``dim`` of ``old``;
+            both None where the shape did not change (a bias shift) or there was no ``old`` (an added bias).
+        refitted: the kept entries changed value (the consumer's least-squares refit, a bias shift), rather than
+            being copied.
+    """
+
+    module: nn.Module
+    name: str
+    old: nn.Parameter | None
+    new: nn.Parameter
+    dim: int | None
+    kept: torch.Tensor | None
+    refitted: bool
+
+
+_RECORDERS: ContextVar[tuple[list[ParameterCut], ...]] = ContextVar("hf_subprune_cut_recorders", default=())
+
+
+@contextmanager
+def record_cuts() -> Iterator[list[ParameterCut]]:
+    """Collect every ``ParameterCut`` the surgery makes inside the ``with`` block, in order (``prune()`` included):
+    a training loop uses them to carry its optimizer state over to the smaller parameters."""
+    cuts: list[ParameterCut] = []
+    token = _RECORDERS.set(_RECORDERS.get() + (cuts,))
+    try:
+        yield cuts
+    finally:
+        _RECORDERS.reset(token)
+
+
+def _record(module: nn.Module, name: str, old: nn.Parameter | None, dim: int | None = None,
+            kept: torch.Tensor | None = None, refitted: bool = False) -> None:
+    recorders = _RECORDERS.get()
+    if recorders:
+        cut = ParameterCut(module, name, old, getattr(module, name), dim,
+                           None if kept is None else kept.detach().to("cpu", torch.long), refitted)
+        for cuts in recorders:
+            cuts.append(cut)
 
 
 def _param(tensor: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
@@ -20,26 +71,36 @@ def _param(tensor: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
 def cut_rows(module: nn.Module, rows: torch.Tensor, transposed: bool = False) -> None:
     """Keep only output features ``rows`` of a Linear (or GPT-2 Conv1D)."""
     rows = rows.to(module.weight.device)
+    old = module.weight
     if transposed:
-        module.weight = _param(module.weight[:, rows], module.weight)
+        module.weight = _param(old[:, rows], old)
         module.nf = len(rows)
     else:
-        module.weight = _param(module.weight[rows], module.weight)
+        module.weight = _param(old[rows], old)
         module.out_features = len(rows)
+    _record(module, "weight", old, 1 if transposed else 0, rows)
     if getattr(module, "bias", None) is not None:
-        module.bias = _param(module.bias[rows], module.bias)
+        old = module.bias
+        module.bias = _param(old[rows], old)
+        _record(module, "bias", old, 0, rows)
 
 
 @torch.no_grad()
-def set_consumer(module: nn.Module, weight: torch.Tensor, bias_shift: torch.Tensor | None, transposed: bool = False) -> None:
-    """Install the new (m x kept) weight of a consumer, and add the bias shift where it has a bias."""
-    module.weight = _param(weight.T if transposed else weight, module.weight)
+def set_consumer(module: nn.Module, weight: torch.Tensor, bias_shift: torch.Tensor | None, transposed: bool = False,
+                 columns: torch.Tensor | None = None) -> None:
+    """Install the new (m x kept) weight of a consumer, and add the bias shift where it has a bias. ``columns``
+    (the original input columns the new weight holds, ascending) only goes into the ``record_cuts`` record."""
+    old = module.weight
+    module.weight = _param(weight.T if transposed else weight, old)
     if transposed:
         module.nx = weight.shape[1]
     else:
         module.in_features = weight.shape[1]
+    _record(module, "weight", old, 0 if transposed else 1, columns, refitted=True)
     if bias_shift is not None and getattr(module, "bias", None) is not None:
-        module.bias = _param(module.bias.double() + bias_shift.to(module.bias.device, torch.float64), module.bias)
+        old = module.bias
+        module.bias = _param(old.double() + bias_shift.to(old.device, torch.float64), old)
+        _record(module, "bias", old, refitted=True)
 
 
 def apply_selection(block: nn.Module, adapter: Adapter, site, kept_groups: list[int], weight: torch.Tensor,
@@ -47,7 +108,8 @@ def apply_selection(block: nn.Module, adapter: Adapter, site, kept_groups: list[
     """Cut the producers' rows of the removed groups and install the consumer's kept (refitted) columns."""
     for path, rows in site.rows_to_keep(kept_groups).items():
         cut_rows(block.get_submodule(path), rows, adapter.transposed)
-    set_consumer(block.get_submodule(site.consumer), weight, bias_shift, adapter.transposed)
+    columns = site.groups[torch.as_tensor(sorted(kept_groups), dtype=torch.long)].flatten().sort().values
+    set_consumer(block.get_submodule(site.consumer), weight, bias_shift, adapter.transposed, columns)
     if site.kind == "attention":
         set_head_attributes(block, adapter)
 
@@ -118,6 +180,7 @@ def add_consumer_bias(blocks, adapter: Adapter, kind: str, config) -> tuple[int,
                 rows = adapter.weight(module).shape[0]
                 module.bias = nn.Parameter(torch.zeros(rows, dtype=weight.dtype, device=weight.device),
                                            requires_grad=weight.requires_grad)
+                _record(module, "bias", None)
                 added[path == spec.consumer] += rows
     setattr(config, spec.bias_field, True)
     return added[True], added[False]

@@ -1,0 +1,579 @@
+"""Recovery after one-shot pruning: a short fine-tune of the pruned model, merged back into plain weights.
+
+Composition rather than a training loop of our own: peft's LoRA on every Linear layer (``full=True``: every
+weight), a stock ``transformers.Trainer``, ``merge_and_unload``, and the export that wrote the input (stock or
+heterogeneous, reload-checked, through a temporary folder). The loss is the model's own (next-token loss for a
+causal LM, cross-entropy on the labels for a classifier) or, with ``distill``, the KL divergence from the base
+model's output distribution, which needs no labels (Minitron's recovery). ``data="calibration"`` trains on the
+very token blocks the cut was computed from (the paper's limited-data setting): the folder stores them and their
+fingerprint is checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters import auto_class_for, get_adapter
+from ..api import Evaluator, PruneResult, _evaluation, _measure
+from ..calibration import fingerprint, load_labelled, load_texts, token_blocks
+from ..checks import check_device
+from ..config import PruneConfig
+from ..evaluation import BUILTIN_HELDOUT, AccuracyEvaluator, PerplexityEvaluator
+from ..files import REPORT_FILE
+from ..logs import get_logger
+from ..outputs.export import check_output_folder, load_calibration_ids, save_pruned
+
+__all__ = ["RecoveryConfig", "RecoveryResult", "recover", "finetune", "lm_examples", "classification_examples",
+           "training_device"]
+
+logger = get_logger(__name__)
+
+CALIBRATION = "calibration"
+"""The ``data`` value that reuses the calibration blocks recorded with the pruned model."""
+
+
+@dataclass
+class RecoveryConfig:
+    """How the pruned model is fine-tuned; recorded in the report's ``recovery`` section."""
+
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    full: bool = False  # every weight instead of LoRA adapters
+    max_steps: int | None = None
+    epochs: float | None = None  # one epoch when neither this nor max_steps is given
+    lr: float | None = None  # default: 2e-4 with LoRA, 2e-5 for a full fine-tune
+    batch_size: int = 4
+    seq_len: int | None = None  # data files: tokens per block (causal LM) or per text (classifier)
+    num_samples: int | None = None  # data files: blocks or texts to train on (default: all)
+    distill: bool = False
+    teacher: str | None = None  # default: the report's base model
+    distill_weight: float = 1.0  # the KL term's share of the loss; the rest is the model's own loss
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("give max_steps (--max-steps) or epochs (--epochs), not both: they both say how long "
+                             "to train")
+        for name in ("lora_r", "batch_size", "max_steps", "num_samples"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number of 1 or more, got {value!r}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2 tokens, got {self.seq_len}")
+        for name in ("lora_alpha", "epochs", "lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.distill_weight <= 1:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if self.teacher is not None and not self.distill:
+            raise ValueError("a teacher (--teacher) is only used with distill (--distill)")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-5 if self.full else 2e-4)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+def lm_examples(input_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Next-token examples from token blocks (the model shifts the labels itself)."""
+    return [{"input_ids": row.long(), "labels": row.long()} for row in input_ids]
+
+
+def classification_examples(tokenizer, texts: list[str], labels: list[int] | None, max_length: int) -> list[dict]:
+    """Tokenized texts (truncated, padded per batch by the collator), with their labels when there are some."""
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    rows = [{"input_ids": ids, "attention_mask": mask} for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    if labels is not None:
+        for row, label in zip(rows, labels):
+            row["labels"] = int(label)
+    return rows
+
+
+def _is_classifier(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def _windows(texts: list[str], tokenizer, seq_len: int) -> int:
+    """How many blocks of ``seq_len`` ``token_blocks`` can cut from ``texts`` (it adds an EOS between texts)."""
+    tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    if tokenizer.eos_token_id is not None and len(texts) > 1:
+        tokens += len(texts)
+    return tokens // seq_len
+
+
+def _calibration_blocks(source: PruneResult | Path, report: dict, tokenizer, causal: bool) -> torch.Tensor:
+    """The calibration blocks of the cut, checked against the report's fingerprint: stored with the model, or,
+    for a folder saved without them, drawn again from a source that is still readable (built-in text, a file)."""
+    recorded = report["calibration"]
+    if isinstance(source, PruneResult):
+        ids = source.input_ids
+    else:
+        ids = load_calibration_ids(source)
+    if ids is None:
+        origin = str(recorded.get("source", ""))
+        path = None if origin.startswith("builtin") else Path(origin)
+        if path is not None and not path.is_file():
+            raise ValueError(f"data 'calibration': the pruned model keeps no calibration tokens, and its calibration "
+                             f"source {origin!r} cannot be read again here; give the data file instead (--data FILE)")
+        cfg = report["config"]
+        ids = token_blocks(load_texts(path), tokenizer, cfg["num_samples"], cfg["seq_len"], seed=cfg["seed"],
+                           special_tokens=not causal)
+    if fingerprint(ids) != recorded["fingerprint"]:
+        raise ValueError(f"data 'calibration': the calibration tokens found have fingerprint {fingerprint(ids)}, the "
+                         f"report records {recorded['fingerprint']}: they are not the samples the cut used")
+    return ids
+
+
+def _blocks_info(source: str, ids: torch.Tensor) -> dict:
+    return {"source": source, "fingerprint": fingerprint(ids), "num_samples": int(ids.shape[0]),
+            "seq_len": int(ids.shape[1]), "tokens": int(ids.numel())}
+
+
+def _training_data(data: Any, model: nn.Module, tokenizer, report: dict, source: PruneResult | Path,
+                   config: RecoveryConfig, text_column: str | None, label_column: str | None) -> tuple[list, dict]:
+    """Training examples and what the report says about them (source, size, fingerprint)."""
+    classifier = _is_classifier(model)
+    causal = get_adapter(model.config).causal_lm
+    if not (classifier or causal):
+        raise ValueError(f"{type(model).__name__} has no head to train: recovery fine-tunes causal LMs and sequence "
+                         "classifiers")
+    if isinstance(data, str) and data == CALIBRATION:
+        if config.seq_len is not None or config.num_samples is not None:
+            raise ValueError("seq_len and num_samples (--seq-len, --num-samples) apply to a data file: data "
+                             "'calibration' reuses the recorded samples as they are")
+        ids = _calibration_blocks(source, report, tokenizer, causal)
+        if classifier:
+            if not config.distill:
+                raise ValueError("data 'calibration' has no labels: a classifier recovers from it with distill "
+                                 "(--distill) only, or give a labelled data file")
+            examples = [{"input_ids": row.long(), "attention_mask": torch.ones_like(row)} for row in ids]
+        else:
+            examples = lm_examples(ids)
+        return examples, _blocks_info(CALIBRATION, ids)
+    if classifier:
+        if not isinstance(data, (str, Path)):
+            raise ValueError("a classifier recovers from a labelled data file (text and label columns)")
+        texts, labels = load_labelled(data, text_column=text_column, label_column=label_column,
+                                      label2id=getattr(model.config, "label2id", None))
+        if config.num_samples is not None:
+            texts, labels = texts[: config.num_samples], labels[: config.num_samples]
+        max_length = config.seq_len or 128
+        digest = hashlib.sha256(json.dumps([texts, labels]).encode()).hexdigest()[:16]
+        examples = classification_examples(tokenizer, texts, labels, max_length)
+        return examples, {"source": str(data), "fingerprint": digest, "num_samples": len(texts),
+                          "max_length": max_length, "tokens": sum(len(e["input_ids"]) for e in examples),
+                          "labelled": True}
+    if isinstance(data, torch.Tensor):
+        ids, name = data, "token ids given by the caller"
+    else:
+        texts = load_texts(data, text_column=text_column)
+        seq_len = config.seq_len or int(report.get("calibration", {}).get("seq_len", 512))
+        num = config.num_samples or _windows(texts, tokenizer, seq_len)
+        ids = token_blocks(texts, tokenizer, num, seq_len, seed=config.seed)
+        name = str(data) if isinstance(data, (str, Path)) else type(data).__name__
+    return lm_examples(ids), _blocks_info(name, ids)
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+def _distillation_trainer():
+    """A ``Trainer`` whose loss is the KL divergence from a teacher's output distribution (temperature 1),
+    optionally mixed with the model's own loss; the teacher runs in eval mode without gradients."""
+    from transformers import Trainer
+
+    class DistillationTrainer(Trainer):
+        loss_is_scaled_for_ga = False  # a per-batch mean
+
+        def __init__(self, *args, teacher: nn.Module, weight: float, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.teacher = teacher.to(self.args.device).eval()
+            self.weight = weight
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.get("labels") if self.weight < 1 else None
+            student_inputs = {k: v for k, v in inputs.items() if k != "labels" or labels is not None}
+            outputs = model(**student_inputs)
+            with torch.no_grad():
+                target = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
+            logits = outputs.logits.float()
+            if logits.shape != target.shape:
+                raise ValueError(f"the teacher's outputs {tuple(target.shape)} do not match the model's "
+                                 f"{tuple(logits.shape)}: the teacher must share the model's vocabulary or classes")
+            kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True,
+                          reduction="none").sum(-1)
+            mask = inputs.get("attention_mask")
+            if mask is not None and kl.dim() == 2:
+                loss = (kl * mask).sum() / mask.sum()
+            else:
+                loss = kl.mean()
+            if labels is not None:
+                loss = self.weight * loss + (1 - self.weight) * outputs.loss
+            return (loss, outputs) if return_outputs else loss
+
+    return DistillationTrainer
+
+
+def _quiet_progress():
+    """transformers' progress bar without its printing of every step's logs (the loss is logged every step)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    return QuietProgress()
+
+
+def training_device(device: str | None) -> torch.device:
+    """Where the Trainer will train: ``device``, or cuda when there is one; a GPU other than the first visible
+    one is refused (the Trainer picks the device itself)."""
+    check_device(device)
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    parsed = torch.device(device)
+    if parsed.type == "cuda" and (parsed.index or 0) != 0:
+        raise ValueError(f"device {device}: the Trainer trains on the first visible GPU; select it with "
+                         f"CUDA_VISIBLE_DEVICES={parsed.index} and device cuda")
+    return parsed
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, probe: dict) -> torch.Tensor:
+    return model(**probe).logits.float().cpu()
+
+
+def _wrap(model: nn.Module, config: RecoveryConfig) -> nn.Module:
+    """LoRA adapters on every Linear layer but the output head (a classifier's head is trained whole), or the
+    model itself with every weight trainable."""
+    if config.full:
+        return model.requires_grad_(True)
+    from peft import LoraConfig, get_peft_model
+
+    task = "SEQ_CLS" if _is_classifier(model) else "CAUSAL_LM"
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules="all-linear", task_type=task)
+    with torch.random.fork_rng(devices=[]):  # seeded adapter init without touching the caller's generator
+        torch.manual_seed(config.seed)
+        return get_peft_model(model, lora)
+
+
+def _merge(wrapped: nn.Module, probe: dict) -> tuple[nn.Module, float]:
+    """``merge_and_unload``, checked: the merged model's outputs match the adapters' within float rounding."""
+    wrapped.eval()
+    expected = _outputs(wrapped, probe)
+    merged = wrapped.merge_and_unload()
+    got = _outputs(merged, probe)
+    rel = float((expected - got).abs().max() / expected.abs().max().clamp_min(1e-12))
+    tol = 1e-4 if merged.dtype == torch.float32 else 2e-2
+    if not rel <= tol:
+        raise RuntimeError(f"merging the LoRA adapters changed the outputs by {rel:.2e} (relative) > {tol:.0e}")
+    return merged, rel
+
+
+def finetune(model: nn.Module, tokenizer, examples: list[dict], config: RecoveryConfig, *,
+             teacher: nn.Module | None = None, device: str | None = None, progress: bool = True,
+             callbacks: list | None = None) -> tuple[nn.Module, dict]:
+    """Fine-tune ``model`` on ``examples`` (see ``lm_examples``, ``classification_examples``) with a stock
+    ``Trainer``: LoRA adapters merged afterwards, or every weight with ``config.full``; with ``config.distill``
+    the loss is the KL divergence from ``teacher``. ``callbacks`` go to the Trainer (a ``SubpruneCallback`` makes
+    the run a gradual prune, with ``full``). Returns the trained model (the same weights as ``model``, changed in
+    place) and what the run did: steps, tokens, seconds, first and last loss, the merge check."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    if config.distill and teacher is None:
+        raise ValueError("distill needs a teacher model")
+    target = training_device(device)
+    model.to(target)
+    padded = "attention_mask" in examples[0] and not isinstance(examples[0]["input_ids"], torch.Tensor)
+    collator = DataCollatorWithPadding(tokenizer) if padded else default_data_collator
+    probe = {k: v.to(target) for k, v in collator(examples[:2]).items() if k != "labels"}
+    wrapped = _wrap(model, config)
+    steps = config.max_steps or -1
+    epochs = config.epochs or 1.0
+    with tempfile.TemporaryDirectory(prefix="hf_subprune-recovery-") as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
+            max_steps=steps, num_train_epochs=epochs, weight_decay=0.0, warmup_steps=0, logging_steps=1,
+            save_strategy="no", report_to="none", seed=config.seed, data_seed=config.seed,
+            use_cpu=target.type == "cpu", remove_unused_columns=False, dataloader_pin_memory=False,
+            include_num_input_tokens_seen="non_padding" if padded else "all", disable_tqdm=not progress)
+        kwargs = dict(model=wrapped, args=args, train_dataset=examples, data_collator=collator,
+                      processing_class=tokenizer, callbacks=callbacks)
+        trainer = (_distillation_trainer()(**kwargs, teacher=teacher, weight=config.distill_weight)
+                   if config.distill else Trainer(**kwargs))
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        if progress:
+            trainer.add_callback(_quiet_progress())
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        state = trainer.state
+        del trainer
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    stats = {"steps": state.global_step, "epochs": float(state.epoch or 0.0),
+             "tokens": int(state.num_input_tokens_seen),
+             "seconds": seconds, "learning_rate": config.learning_rate, "batch_size": config.batch_size,
+             "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None}}
+    if config.full:
+        trained = wrapped
+    else:
+        trained, rel = _merge(wrapped, probe)
+        stats["merge_check"] = {"relative_max_difference": rel}
+    trained.eval()
+    return trained, stats
+
+
+# --- the pruned model, its teacher, its evaluation ---------------------------------------------------------------
+
+def _read_report(folder: Path) -> dict:
+    path = folder / REPORT_FILE
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: give the folder written by hf-subprune prune")
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {REPORT_FILE}: it was not written by hf_subprune. Recovery "
+                                "continues a pruned folder (hf-subprune prune --output DIR), whose report says how "
+                                "it was cut, which calibration samples it used and how to save it again")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} cannot be read ({e}): prune again to rewrite it") from None
+
+
+def _load_pruned(folder: Path, report: dict, dtype: str | None):
+    """The pruned model (with its modeling file where the export is heterogeneous) and its tokenizer."""
+    import transformers
+
+    from ..loading import DTYPES
+
+    auto = getattr(transformers, report.get("auto_class", "AutoModel"))
+    kwargs = {"dtype": DTYPES[dtype]} if dtype not in (None, "auto") else {}
+    try:
+        model = auto.from_pretrained(folder, trust_remote_code=report.get("export") == "heterogeneous", **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{folder} could not be loaded ({type(e).__name__}: {e}); prune again to rewrite it") from None
+    return model, tokenizer
+
+
+def _load_teacher(name: str, student: nn.Module, dtype: str | None) -> nn.Module:
+    """The teacher, with the student's head: a causal LM through ``load_model`` (aliases, .gguf files, folders,
+    hub ids); the Hub name of a bundled alias falls back to the bundled weights when it cannot be fetched."""
+    from ..loading import ALIAS_BASES, load_model
+
+    if not get_adapter(student.config).causal_lm:
+        return auto_class_for(student).from_pretrained(name, **({"dtype": student.dtype}))
+    try:
+        return load_model(name, dtype=dtype or "auto")[0]
+    except FileNotFoundError:
+        alias = next((a for a, base in ALIAS_BASES.items() if base == name), None)
+        if alias is None:
+            raise
+        logger.info(f"teacher {name}: not reachable, using the bundled copy ('{alias}')")
+        return load_model(alias, dtype=dtype or "auto")[0]
+
+
+def _evaluator(model: nn.Module, tokenizer, report: dict, eval_text: str | Path | None,
+               eval_data: str | Path | None) -> Evaluator | None:
+    """The measure before and after recovery: ``eval_data`` (labelled) or ``eval_text``, else the protocol of the
+    prune report's own evaluation, when its text can be read again here."""
+    if _is_classifier(model):
+        protocol = (report.get("evaluation") or {}).get("accuracy_protocol") or {}
+        source = eval_data or (protocol.get("data") if Path(str(protocol.get("data", ""))).is_file() else None)
+        if source is None:
+            return None
+        texts, labels = load_labelled(source, label2id=getattr(model.config, "label2id", None))
+        return AccuracyEvaluator(tokenizer, texts, labels, str(source), max_length=protocol.get("max_length", 128))
+    if not get_adapter(model.config).causal_lm:
+        return None
+    if eval_text is not None:
+        path = Path(eval_text)
+        if not path.is_file():
+            raise FileNotFoundError(f"evaluation text {eval_text} does not exist")
+        return PerplexityEvaluator(tokenizer, path.read_text(encoding="utf-8"), str(eval_text))
+    protocol = (report.get("evaluation") or {}).get("perplexity_protocol")
+    if not protocol:
+        return None
+    name = str(protocol["text"])
+    if name == BUILTIN_HELDOUT:
+        from ..calibration import builtin_text
+
+        text = builtin_text("heldout")
+    elif Path(name).is_file():
+        text = Path(name).read_text(encoding="utf-8")
+    else:
+        logger.warning(f"the prune report's evaluation text {name!r} cannot be read here: no quality measure "
+                       "before and after recovery (give eval_text, CLI --eval-text)")
+        return None
+    return PerplexityEvaluator(tokenizer, text, name, window=protocol["window"], max_tokens=protocol["tokens"])
+
+
+# --- the verb ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class RecoveryResult:
+    """The recovered model and its report: ``save`` writes it as the pruned folder was written (the same export,
+    the pruning report with a ``recovery`` section, the calibration tokens), reload-checked."""
+
+    model: nn.Module
+    tokenizer: Any
+    config: PruneConfig  # the pruning's settings, saved again as subprune_config.json
+    recovery: dict
+    pruned: PruneResult | dict = field(repr=False)  # the in-memory result, or the folder's report
+    input_ids: torch.Tensor | None = field(default=None, repr=False)
+
+    def report(self, *, export: str | None = None, reload_check: dict | None = None) -> dict:
+        if isinstance(self.pruned, PruneResult):
+            report = self.pruned.report(export=export, reload_check=reload_check)
+        else:
+            report = {k: v for k, v in self.pruned.items() if k not in ("export", "reload_check")}
+            if export is not None:
+                report["export"] = export
+            if reload_check is not None:
+                report["reload_check"] = reload_check
+        report["recovery"] = self.recovery
+        return report
+
+    def save(self, path: str | Path, *, overwrite: bool = False, check: bool = True) -> Path:
+        """Write the folder (see ``outputs.export.save_pruned``)."""
+        return save_pruned(self, Path(path), overwrite=overwrite, check=check)
+
+    def summary(self) -> str:
+        r = self.recovery
+        how = "full fine-tune" if r["lora"] is None else f"LoRA r={r['lora']['r']} alpha={r['lora']['alpha']}, merged"
+        loss = "distillation from " + r["distill"]["teacher"] if r["distill"] else "the model's own loss"
+        lines = [f"recovery: {how}, {loss}; {r['steps']} steps, {r['tokens']:,} tokens, {r['seconds']:.1f} s on "
+                 f"{r['data']['source']} ({r['data']['num_samples']} samples)"]
+        if r["loss"]["first"] is not None:
+            lines.append(f"training loss: {r['loss']['first']:.4g} first step, {r['loss']['last']:.4g} last step")
+        for name, value in r["evaluation"].items():
+            if isinstance(value, dict) and "before" in value:
+                lines.append(f"{name}: {value['before']:.4g} pruned, {value['after']:.4g} recovered")
+        return "\n".join(lines)
+
+
+def recover(
+    folder_or_result: str | Path | PruneResult,
+    data: Any = CALIBRATION,
+    *,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    full: bool = False,
+    max_steps: int | None = None,
+    epochs: float | None = None,
+    lr: float | None = None,
+    seq_len: int | None = None,
+    num_samples: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    distill: bool = False,
+    teacher: str | nn.Module | None = None,
+    batch_size: int = 4,
+    lora_dropout: float = 0.0,
+    distill_weight: float = 1.0,
+    seed: int = 0,
+    evaluate: Evaluator | None = None,
+    eval_text: str | Path | None = None,
+    eval_data: str | Path | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    progress: bool = True,
+    check: bool = True,
+) -> RecoveryResult:
+    """Fine-tune a pruned model to recover quality, and (with ``output``) save it as it was saved.
+
+    Args:
+        folder_or_result: a folder written by ``hf-subprune prune`` / ``PruneResult.save``, or a ``PruneResult``
+            (its model is trained in place).
+        data: ``"calibration"`` (the blocks the cut used, checked against the report's fingerprint), a text
+            source as ``prune`` takes it (``calibration.load_texts``), or a tensor of token blocks; a classifier
+            takes a labelled .tsv/.csv/.jsonl file (text and label columns, found by name).
+        output / overwrite: the folder to write; an existing non-empty one only with ``overwrite``.
+        lora_r / lora_alpha / lora_dropout / full: LoRA on every Linear layer, or a full fine-tune.
+        max_steps / epochs / lr / batch_size / seed: the Trainer's schedule (one epoch by default).
+        seq_len / num_samples: how a data file is cut (default: the calibration's block length, all blocks).
+        distill / teacher / distill_weight: KL divergence from the teacher's distribution (a name or path for
+            ``load_model``, or a model; default the report's base model), mixed with the model's own loss with
+            weight ``1 - distill_weight``.
+        evaluate / eval_text / eval_data: the quality measure before and after (default: the prune report's own
+            perplexity protocol, when its text can be read again).
+    """
+    config = RecoveryConfig(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, full=full,
+                            max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size, seq_len=seq_len,
+                            num_samples=num_samples, distill=distill,
+                            teacher=teacher if isinstance(teacher, str) or teacher is None else type(teacher).__name__,
+                            distill_weight=distill_weight, seed=seed)
+    training_device(device)  # every check that needs no model comes before loading one
+    in_memory = isinstance(folder_or_result, PruneResult)
+    source: PruneResult | Path = folder_or_result if in_memory else Path(folder_or_result)
+    report = folder_or_result.report() if in_memory else _read_report(source)
+    if output is not None:
+        check_output_folder(output, overwrite, source=None if in_memory else source)
+    if isinstance(data, (str, Path)) and str(data) != CALIBRATION and Path(data).suffix and not Path(data).exists():
+        raise FileNotFoundError(f"data file {data} does not exist; give a text file, a .json/.jsonl/.csv/.tsv/"
+                                f".parquet file, or '{CALIBRATION}'")
+    if in_memory:
+        model, tokenizer = folder_or_result.model, folder_or_result.tokenizer
+        prune_config, input_ids = folder_or_result.config, folder_or_result.input_ids
+    else:
+        model, tokenizer = _load_pruned(source, report, dtype)
+        prune_config, input_ids = PruneConfig.from_pretrained(source), load_calibration_ids(source)
+    if tokenizer is None:
+        raise ValueError("recovery needs the pruned model's tokenizer")
+    examples, data_info = _training_data(data, model, tokenizer, report, source, config, text_column, label_column)
+    teacher_name = None
+    teacher_model = None
+    if distill:
+        if isinstance(teacher, nn.Module):
+            teacher_model, teacher_name = teacher, getattr(teacher.config, "_name_or_path", None) or "given model"
+        else:
+            teacher_name = teacher or report.get("base_model")
+            if not teacher_name:
+                raise ValueError("distill: the report records no base model; name the teacher (--teacher)")
+            teacher_model = _load_teacher(teacher_name, model, dtype)
+    measure = evaluate or _evaluator(model, tokenizer, report, eval_text, eval_data)
+    model.to(training_device(device))
+    before = _measure(measure, model)
+    model, stats = finetune(model, tokenizer, examples, config, teacher=teacher_model, device=device,
+                            progress=progress)
+    after = _measure(measure, model)
+    import peft
+
+    recovery = {
+        "data": data_info,
+        "lora": None if full else {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout,
+                                   "target_modules": "all-linear"},
+        "distill": {"teacher": teacher_name, "temperature": 1.0, "kl_weight": distill_weight} if distill else None,
+        **stats,
+        "evaluation": _evaluation(before, after) if measure is not None else {},
+        "config": config.to_dict(),
+        "versions": {"peft": peft.__version__},
+    }
+    if "recovery" in report:
+        recovery["previous"] = report["recovery"]
+    result = RecoveryResult(model=model, tokenizer=tokenizer, config=prune_config, recovery=recovery,
+                            pruned=source if isinstance(source, PruneResult) else report, input_ids=input_ids)
+    if output is not None:
+        result.save(output, overwrite=overwrite, check=check)
+    return result
