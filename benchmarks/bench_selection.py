@@ -3,7 +3,7 @@ float64 and float32.
 
 Cases:
 - neurons: single-neuron groups of an MLP down projection, d in --sizes with the output width m of a real model
-  of that width (``MODEL_WIDTHS``; ``DxM`` in --sizes sets it), keeping 70% (k = round(0.7 d));
+  of that width (``MODEL_WIDTHS``; ``DxM`` in --sizes sets it), keeping 70% (k = round(0.7 d); --keep);
 - heads-9x64: the attention site of SmolLM2-135M, 9 heads of 64 columns in 3 kv groups (d = m = 576), keeping 2
   heads per kv group (6);
 - heads-32x128: 32 heads of 128 columns (d = m = 4096), keeping 24.
@@ -235,9 +235,9 @@ def synthetic_statistics(d: int, m: int, *, seed: int, device: str, dtype=torch.
     return SiteStatistics(gram, cross, scalar(target_sq), scalar(n), n * mean, n * wm, scalar(n))
 
 
-def cases(sizes: list[tuple[int, int]], heads: bool):
+def cases(sizes: list[tuple[int, int]], heads: bool, keep: float = 0.7):
     for d, m in sizes:
-        yield {"case": "neurons", "d": d, "m": m, "k": round(0.7 * d), "group_size": 1}
+        yield {"case": "neurons", "d": d, "m": m, "k": round(keep * d), "group_size": 1}
     if heads:
         yield {"case": "heads-9x64", "d": 576, "m": 576, "k": 6, "group_size": 64, "kv_groups": 3}
         yield {"case": "heads-32x128", "d": 4096, "m": 4096, "k": 24, "group_size": 128}
@@ -260,7 +260,8 @@ def run_variant(stats: SiteStatistics, case: dict, implementation: str, dtype: s
     kwargs = {"group_size": case["group_size"]}
     if "kv_groups" in case:
         heads = case["d"] // case["group_size"]
-        kwargs.update(partition=torch.arange(heads) // (heads // case["kv_groups"]), per_class=case["k"] // case["kv_groups"])
+        per_kv = heads // case["kv_groups"]
+        kwargs.update(partition=torch.arange(heads) // per_kv, per_class=case["k"] // case["kv_groups"])
     if implementation == "after":
         return greedy_select(stats, case["k"], dtype=None if dtype == "float32" else torch.float64, **kwargs)
     return reference_greedy_select(stats, case["k"], dtype=getattr(torch, dtype), **kwargs)
@@ -344,26 +345,29 @@ def markdown(rows: list[dict], env: dict) -> str:
         "# greedy_select speed",
         "",
         f"torch {env['torch']}, {env.get('gpu') or env['cpu']}, {env['threads']} CPU threads "
-        f"({env['cpu_count']} CPUs, shared; load average {env['load_average_1_5_15min'][0]} at the end), {env['date']}.",
-        "Time of `greedy_select` (greedy steps + refit) on float64 statistics, median over repeats, the variants of a",
-        "case timed in turn. *before*: the previous implementation; *after / float32*: the default call (float32 greedy,",
-        "checked, refit in float64; `solve` says where the picks came from); *after / float64*: `dtype=torch.float64`.",
-        "*picks vs after/float64*: the first pick that differs (`-` none) and whether the kept sets are equal.",
+        f"({env['cpu_count']} CPUs, shared with other jobs; load average {env['load_average_1_5_15min'][0]} at the "
+        f"end), {env['date']}.",
+        "Time of `greedy_select` (greedy steps + refit) on float64 statistics, median over repeats, the variants of",
+        "a case timed in turn. *before*: the previous implementation; *after / float32*: the default call (float32",
+        "greedy, checked, refit in float64; `solve` says where the picks came from); *after / float64*:",
+        "`dtype=torch.float64`. *picks vs after/float64*: the first pick that differs (`-`: none) and whether the",
+        "kept sets are equal.",
         "",
         "| case | d | m | k | r | implementation | dtype | solve | seconds | speed-up vs before/float64 "
         "| picks vs after/float64 | target |",
         "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | --- | ---: |",
     ]
-    base = {(r["case"], r["d"]): r["seconds"] for r in rows if (r["implementation"], r["dtype"]) == ("before", "float64")}
+    base = {(r["case"], r["d"], r["k"]): r["seconds"] for r in rows
+            if (r["implementation"], r["dtype"]) == ("before", "float64")}
     for r in rows:
         target = "-" if r["target"] is None else f"< {r['target']:g} s ({'pass' if r['passed'] else 'fail'})"
-        b = base.get((r["case"], r["d"]))
+        b = base.get((r["case"], r["d"], r["k"]))
         speedup = "-" if b is None else f"{b / r['seconds']:.1f}x"
         first = r["vs_after_float64_first_different_pick"]
         picks = f"{'-' if first is None else first}, {'same set' if r['vs_after_float64_same_set'] else 'other set'}"
         lines.append(
-            f"| {r['case']} | {r['d']} | {r['m']} | {r['k']} | {r['group_size']} | {r['implementation']} | {r['dtype']} "
-            f"| {r['solve_dtype']} | {r['seconds']:.3f} | {speedup} | {picks} | {target} |"
+            f"| {r['case']} | {r['d']} | {r['m']} | {r['k']} | {r['group_size']} | {r['implementation']} "
+            f"| {r['dtype']} | {r['solve_dtype']} | {r['seconds']:.3f} | {speedup} | {picks} | {target} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -375,6 +379,7 @@ def main(argv=None) -> int:
                         "(default: 1536,4096 on cpu; 1536,4096,8192,14336 on cuda)")
     parser.add_argument("--dtype", default="float32,float64",
                         help="comma-separated solve dtypes to time: float32 (the default path) and/or float64")
+    parser.add_argument("--keep", type=float, default=0.7, help="fraction of the neurons kept (k = round(keep d))")
     parser.add_argument("--before-max-d", type=int, default=4096,
                         help="time the previous implementation only up to this d (it is O(k d m) gemv-bound)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per variant (the median is reported)")
@@ -404,7 +409,7 @@ def main(argv=None) -> int:
     sync(args.device)
 
     rows = []
-    for case in cases(sizes, heads=not args.no_heads):
+    for case in cases(sizes, heads=not args.no_heads, keep=args.keep):
         variants = [(impl, dt) for impl, dt in VARIANTS
                     if dt in dtypes and (impl == "after" or case["d"] <= args.before_max_d)]
         for row in time_case(case, variants, device=args.device, repeat=args.repeat, seed=args.seed):
@@ -418,11 +423,13 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.out_dir / f"selection_{args.device}.json"
     if args.merge and json_path.exists():
-        key = lambda r: (r["case"], r["d"], r["group_size"], r.get("implementation"), r.get("dtype"))  # noqa: E731
+        def key(r: dict) -> tuple:
+            return r["case"], r["d"], r["k"], r["group_size"], r.get("implementation"), r.get("dtype")
+
         new_keys = {key(r) for r in rows}
         old = [r for r in json.loads(json_path.read_text())["results"]
                if "implementation" in r and key(r) not in new_keys]
-        rows = sorted(old + rows, key=lambda r: (r["case"] != "neurons", r["case"], r["d"]))
+        rows = sorted(old + rows, key=lambda r: (r["case"] != "neurons", r["case"], r["d"], r["k"]))
     json_path.write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
     table = markdown(rows, env)
     (args.out_dir / f"selection_{args.device}.md").write_text(table)
