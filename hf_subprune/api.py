@@ -128,11 +128,15 @@ class PruneResult:
         return ["kept widths per block (mlp/heads/kv heads): "
                 + ", ".join(f"{i}:{w.mlp}/{w.heads}/{w.kv_heads}" for i, w in enumerate(self.widths))]
 
-    def save(self, path: str | Path, *, overwrite: bool = False, check: bool = True) -> Path:
-        """Write the model folder (see ``outputs.export.save_pruned``)."""
+    def save(self, path: str | Path, *, overwrite: bool = False, check: bool = True,
+             max_shard_size: int | None = None) -> Path:
+        """Write the model folder (see ``outputs.export.save_pruned``); weights above ``max_shard_size`` bytes
+        (default: transformers' 50 GB) are split into shards."""
         from .outputs.export import save_pruned
+        from .outputs.shards import DEFAULT_MAX_SHARD_SIZE
 
-        return save_pruned(self, Path(path), overwrite=overwrite, check=check)
+        return save_pruned(self, Path(path), overwrite=overwrite, check=check,
+                           max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, revision: str | None = None,
                     commit_message: str | None = None, token: str | None = None, create_pr: bool = False,
@@ -194,7 +198,7 @@ def _evaluation(before: dict, after: dict) -> dict:
 
 @torch.no_grad()
 def prune(
-    model: nn.Module,
+    model: nn.Module | str | Path,
     tokenizer=None,
     calibration: Any = None,
     config: PruneConfig | None = None,
@@ -208,13 +212,20 @@ def prune(
     dataset_config: str | None = None,
     split: str | None = None,
     streaming: bool = False,
+    lazy: bool = True,
+    dtype: str = "auto",
     **overrides: Any,
 ) -> PruneResult:
     """Prune ``model`` in place and return a ``PruneResult``.
 
     Args:
-        model: a transformers model of a supported family (``hf_subprune.ADAPTERS``).
-        tokenizer: its tokenizer (needed unless ``input_ids`` is given).
+        model: a transformers model of a supported family (``hf_subprune.ADAPTERS``), or where to load one from
+            (a hub id, a local folder, a .gguf file or an alias of ``loading.load_model``). A folder or hub id
+            with safetensors weights loads lazily: the blocks stay on disk and are read one at a time, cut, and
+            kept in a temporary folder until saved (``pipeline.lazy``), so the whole model is never in memory.
+        tokenizer: its tokenizer (needed unless ``input_ids`` is given; default for a loaded model: its own).
+        lazy / dtype: how a ``model`` given by name loads: ``lazy=False`` loads it whole in memory; ``dtype``
+            "float32", "bfloat16" or "float16" (default "auto": the checkpoint's).
         calibration: text source: ``None`` (built-in text), a local .txt/.json/.jsonl/.csv/.tsv/.parquet file, a
             list of strings, a ``datasets`` dataset, or a Hub dataset name (see ``calibration.load_texts``).
         config: a ``PruneConfig``; keyword ``overrides`` build or update one (``prune(m, tok, sparsity=0.2)``).
@@ -239,6 +250,14 @@ def prune(
         config = PruneConfig.from_dict({**config.to_dict(), **overrides})
     method = METHODS[config.method]
     asked, config = config, PruneConfig.from_dict({**config.to_dict(), **method.settings})
+    if isinstance(model, (str, Path)):
+        from .loading import base_license, load_model
+
+        name = str(model)
+        model, own_tokenizer, base = load_model(name, dtype=dtype, lazy=lazy,
+                                                need_tokenizer=tokenizer is None and input_ids is None)
+        tokenizer = own_tokenizer if tokenizer is None else tokenizer
+        base_model, license = base_model or base, license or base_license(name)
     adapter = get_adapter(model.config)
     check_model(model)
     check_run(model.config, config, input_ids=input_ids)  # a bad device or seq_len fails before calibrating

@@ -85,8 +85,12 @@ def check_run(model_config: Any, config: Any, input_ids: torch.Tensor | None = N
 
 def check_model(model: Any) -> None:
     """Refuse a model whose weights are not all in memory (``device_map`` with offloading to disk or meta): the
-    pipeline moves one block at a time to the compute device itself and needs real tensors to cut and save."""
-    offloaded = sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters() if p.device.type == "meta"})
+    pipeline moves one block at a time to the compute device itself and needs real tensors to cut and save. A
+    lazy model (``pipeline.lazy``) passes: its blocks' meta weights are on disk, and its block source (the
+    attribute named by ``pipeline.lazy.LAZY_ATTRIBUTE``; checks import no pipeline module) streams them."""
+    source = getattr(model, "_hf_subprune_blocks", None)
+    offloaded = sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters()
+                        if p.device.type == "meta" and not (source is not None and source.owns(name))})
     if offloaded:
         raise ValueError(
             f"{len(offloaded)} modules of the model have no weights in memory (offloaded by a device_map, e.g. "

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flag(p, "--device", "device")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype to load the model in (default: auto)")
+    p.add_argument("--no-lazy", dest="lazy", action="store_false",
+                   help="load the whole model in memory; by default a folder or hub id with safetensors weights keeps "
+                        "its blocks on disk and loads one at a time (.gguf and .bin weights always load whole)")
     p.add_argument("--evaluate", action="store_true",
                    help="causal LMs: perplexity before and after pruning on held-out text (--eval-text)")
     p.add_argument("--eval-text", default=None,
@@ -267,7 +270,12 @@ def _prune(args) -> int:
         from .outputs.hub import check_can_push
 
         check_can_push()  # fail before hours of pruning, not after
-    model, tokenizer, base = load_model(args.model, dtype=args.dtype)
+    lazy = args.lazy and args.finetune_steps is None
+    if args.lazy and not lazy:
+        from .logs import get_logger
+
+        get_logger(__name__).info("--finetune-steps trains every weight at once: the model is loaded whole in memory")
+    model, tokenizer, base = load_model(args.model, dtype=args.dtype, lazy=lazy)
     from .adapters import get_adapter
     from .api import prune
 

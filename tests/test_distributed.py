@@ -19,10 +19,11 @@ from conftest import calibration_ids, tiny_model
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("mode", ["accelerator", "bare"])
+@pytest.mark.parametrize("mode", ["accelerator", "bare", "lazy"])
 def test_two_processes_match_one(tmp_path, mode):
     """With an Accelerator in the script, and without one (prune() sets accelerate's process state up itself,
-    on the CPU without being told: ACCELERATE_USE_CPU is unset)."""
+    on the CPU without being told: ACCELERATE_USE_CPU is unset); and given the folder, whose blocks every process
+    reads from disk one at a time (only the main process saves)."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if accelerate is None:
         pytest.skip("accelerate's launcher is not installed")
@@ -34,7 +35,7 @@ def test_two_processes_match_one(tmp_path, mode):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     env.pop("ACCELERATE_USE_CPU", None)
-    if mode == "accelerator":
+    if mode in ("accelerator", "lazy"):
         env["ACCELERATE_USE_CPU"] = "true"
     run = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -53,5 +54,12 @@ def test_two_processes_match_one(tmp_path, mode):
     assert two["kept"] == [s.kept for s in one.sites]
     # Each process saw half the tokens, but the reduced statistics cover all of them.
     assert two["tokens"] == [s.tokens for s in one.sites] == [ids.numel()] * len(one.sites)
-    torch.testing.assert_close(torch.tensor(two["down_proj"]), model.model.layers[-1].mlp.down_proj.weight,
-                               rtol=1e-4, atol=1e-5)
+    down = model.model.layers[-1].mlp.down_proj.weight
+    if mode == "lazy":
+        assert [(tmp_path / f"out.json.peak-{rank}").read_text() for rank in "01"] == ["1", "1"]
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out.json")) == [
+            "out.json", "out.json.model", "out.json.peak-0", "out.json.peak-1"]  # one saved model
+        saved = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out.json.model",
+                                                                  trust_remote_code=True)  # per-layer widths
+        two["down_proj"] = saved.model.layers[-1].mlp.down_proj.weight.tolist()
+    torch.testing.assert_close(torch.tensor(two["down_proj"]), down, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,6 @@
-"""Saving a pruned model: a temporary folder, a reload check against the in-memory model, then a rename.
+"""Saving a pruned model: a temporary folder, a reload check against the in-memory model, then a rename. A lazy
+model (``pipeline.lazy``) is written one block at a time (``shards.py``) and checked against a lazy reload, so
+that neither step holds the whole model.
 
 Nothing is lost: an existing non-empty folder is only replaced with ``overwrite=True``, and a failed save
 or check leaves it as it was.
@@ -16,9 +18,11 @@ import torch
 
 from ..adapters import auto_class_for
 from ..logs import get_logger
+from ..pipeline.lazy import lazy_blocks, load_lazy
 from .card import write_card
 from ..files import CALIBRATION_FILE, REPORT_FILE
 from .heterogeneous import needs_heterogeneous, write_heterogeneous
+from .shards import DEFAULT_MAX_SHARD_SIZE, save_lazy
 
 __all__ = ["ExportCheckError", "check_output_folder", "save_pruned", "check_reload", "save_calibration_ids",
            "load_calibration_ids"]
@@ -43,14 +47,18 @@ def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def check_reload(model, folder: Path, *, trust_remote_code: bool = False) -> float:
     """Reload ``folder`` with plain transformers (with its modeling file when ``trust_remote_code``) and
-    compare outputs with ``model``.
+    compare outputs with ``model``. A lazy model is compared with a lazy reload (the same classes from the saved
+    config, the weights streamed from the saved files): both run one block at a time.
 
     Returns the largest absolute difference relative to the largest output; raises ``ExportCheckError``
     when it passes float rounding of the model's dtype.
     """
     auto = auto_class_for(model)
-    reloaded = auto.from_pretrained(folder, dtype=model.dtype, trust_remote_code=trust_remote_code).to(model.device)
-    reloaded.eval()
+    if lazy_blocks(model) is not None:
+        reloaded = load_lazy(folder, auto, dtype=model.dtype, trust_remote_code=trust_remote_code)
+    else:
+        reloaded = auto.from_pretrained(folder, dtype=model.dtype, trust_remote_code=trust_remote_code)
+        reloaded.to(model.device).eval()
     was_training = model.training
     model.eval()
     try:
@@ -100,7 +108,8 @@ def check_output_folder(path: str | Path, overwrite: bool, source: str | Path | 
                               "folder go; choose an output folder you can write to")
 
 
-def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = True) -> Path:
+def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = True,
+                max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write weights (safetensors), config, tokenizer, generation config, ``subprune_report.json``,
     ``subprune_config.json`` and a model card into ``path``, via a temporary folder that is renamed into place
     once the reload check passed. Files come out 0o644 and folders 0o755 (less the umask), whatever their
@@ -109,7 +118,8 @@ def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = Tr
 
     Widths that the stock config cannot express (they differ per block, or BERT/GPT-2 heads were pruned) are
     written as the heterogeneous export (``heterogeneous.py``): it loads with ``trust_remote_code=True``, and
-    the reload check loads it that way. ``report["export"]`` says which one was written."""
+    the reload check loads it that way. ``report["export"]`` says which one was written. Weights above
+    ``max_shard_size`` bytes are split into files of at most that size, listed by an index."""
     path = Path(path)
     _clear_dead_saves(path)
     check_output_folder(path, overwrite)
@@ -117,7 +127,10 @@ def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = Tr
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        result.model.save_pretrained(tmp, safe_serialization=True)
+        if lazy_blocks(result.model) is not None:
+            save_lazy(result.model, tmp, max_shard_size=max_shard_size)
+        else:
+            result.model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         heterogeneous = needs_heterogeneous(result.model)
         if heterogeneous:  # per-layer widths: overrides in config.json, modeling file wired with auto_map
             write_heterogeneous(result.model, tmp)

@@ -1,5 +1,6 @@
 """The one loop over blocks that every pass uses: bring a block to the compute device, let the pass work on it,
-move the hidden-state stream on, send the block back. Only the current block sits on the compute device."""
+move the hidden-state stream on, send the block back. Only the current block sits on the compute device; in a
+lazy model (``lazy.py``) it is also the only block in memory, the others wait on disk."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from ..logs import progress
 from .capture import BlockInputs, find_blocks, run_block
+from .lazy import lazy_blocks
 
 __all__ = ["BlockStep", "walk_blocks"]
 
@@ -36,19 +38,30 @@ class BlockStep:
 
 
 def walk_blocks(model: nn.Module, inputs: BlockInputs, device, offload, *, desc: str, show: bool = True,
-                stop: int | None = None) -> Iterator[BlockStep]:
+                stop: int | None = None, modifies: bool = False) -> Iterator[BlockStep]:
     """Yield each block (up to ``stop``) with the stream entering it; after the pass is done with a step, move
-    the stream on through ``step.through`` (or take ``step.outputs``) and send the block back to ``offload``."""
+    the stream on through ``step.through`` (or take ``step.outputs``) and send the block back to ``offload``.
+
+    In a lazy model the block is materialised from disk instead, and released to the meta device after: a pass
+    that changes blocks says so (``modifies``), and each block it walked is stored for the next pass to read."""
     prefix, blocks = find_blocks(model)
+    source = lazy_blocks(model)
     offload = torch.device(offload)
     hidden = inputs.hidden
     count = len(blocks) if stop is None else stop
     for i in progress(range(count), desc=desc, enabled=show):
-        step = BlockStep(i, f"{prefix}.{i}", blocks[i].to(device), hidden)
+        if source is not None:
+            source.materialize(i, blocks[i], device)
+        else:
+            blocks[i].to(device)
+        step = BlockStep(i, f"{prefix}.{i}", blocks[i], hidden)
         yield step
         if step.outputs is not None:
             hidden = step.outputs
         else:
             mover = step.through if step.through is not None else step.block
             hidden = [run_block(mover, inputs, hidden, j, device).to(offload) for j in range(len(hidden))]
-        blocks[i].to(offload)
+        if source is not None:
+            source.release(i, blocks[i], store=modifies)
+        else:
+            blocks[i].to(offload)

@@ -28,8 +28,9 @@ class HookSet:
     def __init__(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def pre_hook(self, module: nn.Module, fn: Callable, *, with_kwargs: bool = False) -> None:
-        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+    def pre_hook(self, module: nn.Module, fn: Callable, *, with_kwargs: bool = False, prepend: bool = False) -> None:
+        """Add ``fn`` after the module's other pre-hooks, or before them with ``prepend``."""
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs, prepend=prepend))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -95,7 +96,8 @@ def capture_block_inputs(
 
     try:
         with HookSet() as hooks:
-            hooks.pre_hook(blocks[0], grab, with_kwargs=True)
+            # Before a lazy model's own hook (``lazy.py``), which would load block 0 only for it to be skipped.
+            hooks.pre_hook(blocks[0], grab, with_kwargs=True, prepend=True)
             for start in progress_bar(range(0, len(input_ids), batch_size), "calibration batches", progress):
                 batch = {"input_ids": input_ids[start : start + batch_size].to(device), "use_cache": False}
                 if attention_mask is not None:

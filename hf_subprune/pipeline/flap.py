@@ -34,7 +34,7 @@ from .blocks import walk_blocks
 from .capture import BlockInputs, HookSet, find_blocks, run_block
 from .runner import SiteReport
 from .sites import Site, attention_site, mlp_site
-from .surgery import add_consumer_bias, apply_selection
+from .surgery import add_consumer_bias, apply_selection, lacks_consumer_bias
 from .widths import Widths, site_costs
 
 __all__ = ["MODEL_PASSES", "register_model_pass", "prune_flap", "flap_units", "fluctuation_widths"]
@@ -214,20 +214,23 @@ def prune_flap(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
              "their best one (FLAP can empty a layer; the export cannot express zero heads or neurons)"]
     if cfg.mlp_multiple != 1:
         notes.append(f"flap: mlp_multiple={cfg.mlp_multiple} not applied (FLAP keeps the neurons above its threshold)")
-    compensate = {}
+    compensate, biased = {}, []
     for kind in sorted({u.site.kind for u in units if u.cut}):
-        added = add_consumer_bias(blocks, adapter, kind, config)
-        compensate[kind] = added is not None
-        consumer = adapter.spec(kind).consumer
-        if added is None:
-            notes.append(f"flap: model_type {config.model_type!r} has no config flag for a {consumer} bias: "
+        spec, lacks = adapter.spec(kind), lacks_consumer_bias(blocks, adapter, kind)
+        compensate[kind] = not lacks or spec.bias_field is not None
+        if not compensate[kind]:
+            notes.append(f"flap: model_type {config.model_type!r} has no config flag for a {spec.consumer} bias: "
                          f"{kind} sites pruned without FLAP's bias compensation")
-        elif any(added):
-            notes.append(f"flap: {consumer} has no bias in {config.model_type!r}: set {adapter.spec(kind).bias_field}="
-                         f"True, adding {added[0]:,} bias parameters that carry the compensation and {added[1]:,} zero "
-                         "biases on the other projections the flag covers")
+        elif lacks:
+            setattr(config, spec.bias_field, True)
+            biased.append(kind)
 
-    reports = _cut(model, adapter, inputs, cfg, units, compensate, seconds, device, progress)
+    reports, added = _cut(model, adapter, inputs, cfg, units, compensate, biased, seconds, device, progress)
+    for kind, (consumer, others) in added.items():
+        spec = adapter.spec(kind)
+        notes.append(f"flap: {spec.consumer} has no bias in {config.model_type!r}: set {spec.bias_field}=True, adding "
+                     f"{consumer:,} bias parameters that carry the compensation and {others:,} zero biases on the "
+                     "other projections the flag covers")
     widths = _widths(units, adapter, config, len(blocks))
     widths[0].notes.extend(notes)
     return widths, reports
@@ -241,15 +244,26 @@ def _kept_note(units: list[_Units], sparsity: float) -> str:
 
 
 def _cut(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConfig, units: list[_Units],
-         compensate: dict[str, bool], seconds: dict[int, float], device, progress: bool) -> list[SiteReport]:
+         compensate: dict[str, bool], biased: list[str], seconds: dict[int, float], device, progress: bool
+         ) -> tuple[list[SiteReport], dict[str, tuple[int, int]]]:
     """Second pass over the dense stream: the cut sites' full statistics (for the report's errors), then the cut
-    of each block once the dense stream has moved past it."""
+    of each block once the dense stream has moved past it. Every block first gets the zero biases of the
+    ``biased`` site kinds (whose config flag is set), here, where the block is in memory; returns the reports and
+    the bias parameters added per kind (to the consumers, to the other modules the flag covers)."""
     offload = torch.device(cfg.offload_device)
     dtype = getattr(torch, cfg.stats_dtype)
     last = max((u.block for u in units if u.cut), default=-1)
     reports: list[SiteReport] = []
-    for step in walk_blocks(model, inputs, device, offload, desc="FLAP cut", show=progress, stop=last + 1):
+    added = {kind: (0, 0) for kind in biased}
+    stop = None if biased else last + 1
+    for step in walk_blocks(model, inputs, device, offload, desc="FLAP cut", show=progress, stop=stop, modifies=True):
         start, i, block = time.perf_counter(), step.index, step.block
+        for kind in biased:
+            consumer, others = add_consumer_bias(block, adapter, kind)
+            added[kind] = (added[kind][0] + consumer, added[kind][1] + others)
+        if i > last:  # nothing to cut: the block only took its biases, and no later block needs the stream
+            step.outputs = step.hidden
+            continue
         cut = [u for u in units if u.block == i and u.cut]
         weights = {u.site.consumer: adapter.weight(block.get_submodule(u.site.consumer)).detach() for u in cut}
         stats = {path: SiteStatistics.zeros(w.shape[1], 0, device=device, dtype=dtype) for path, w in weights.items()}
@@ -275,4 +289,4 @@ def _cut(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConf
                 tokens=int(full.tokens), diagnostics={"bias_compensation": compensate[u.site.kind]},
                 seconds_statistics=statistics_seconds, seconds_selection=time.perf_counter() - t0,
             ))
-    return reports
+    return reports, added

@@ -90,7 +90,8 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
     _, blocks = find_blocks(model)
     mlp_width = adapter.weight(blocks[0].get_submodule(adapter.mlp.consumer)).shape[1]
     reports: list[SiteReport] = []
-    for step in walk_blocks(model, inputs, device, cfg.offload_device, desc="pruning blocks", show=show):
+    for step in walk_blocks(model, inputs, device, cfg.offload_device, desc="pruning blocks", show=show,
+                            modifies=True):
         block = step.block
         sites = block_sites(adapter, model.config, step.name, widths[step.index], mlp_width, cfg.attention_mode)
         original = copy.deepcopy(block) if sites and variant.needs_uncut_copy else block

@@ -14,7 +14,7 @@ from ..adapters import Adapter
 from .widths import Widths
 
 __all__ = ["cut_rows", "set_consumer", "apply_selection", "attention_widths", "set_head_attributes", "update_config",
-           "add_consumer_bias", "ParameterCut", "record_cuts"]
+           "lacks_consumer_bias", "add_consumer_bias", "ParameterCut", "record_cuts"]
 
 
 @dataclass(frozen=True)
@@ -152,9 +152,17 @@ def update_config(config, adapter: Adapter, widths: Widths) -> None:
             setattr(config, att.head_dim_field, head_dim)
 
 
+def lacks_consumer_bias(blocks, adapter: Adapter, kind: str) -> bool:
+    """Whether some block's ``kind`` consumer has no bias (FLAP's bias compensation needs one). Reads module
+    attributes only, so it holds for blocks on the meta device too."""
+    consumer = adapter.spec(kind).consumer
+    return any(getattr(block.get_submodule(consumer), "bias", None) is None for block in blocks)
+
+
 @torch.no_grad()
-def add_consumer_bias(blocks, adapter: Adapter, kind: str, config) -> tuple[int, int] | None:
-    """Give every block's ``kind`` consumer a bias (for FLAP's bias compensation) through the family's config flag.
+def add_consumer_bias(block: nn.Module, adapter: Adapter, kind: str) -> tuple[int, int]:
+    """Give one block's ``kind`` consumer a bias (for FLAP's bias compensation) as the family's config flag would
+    (``bias_field``, which the caller sets).
 
     A stock flag adds biases to more than the consumer (Llama's ``attention_bias``: q, k, v and o;
     ``mlp_bias``: gate, up and down), so every module it covers gets one, zero where it had none: the outputs
@@ -163,24 +171,18 @@ def add_consumer_bias(blocks, adapter: Adapter, kind: str, config) -> tuple[int,
     with ``attention_bias`` and twice the MLP width with ``mlp_bias`` (4,032 per layer of SmolLM2-135M at full
     width, 0.09% of its parameters), besides the consumer biases that carry the compensation.
 
-    Returns the parameters added to the consumers and to the other modules (``(0, 0)`` when the consumers already
-    have a bias), or None when they have none and the family declares no flag that would add one.
+    Returns the parameters added to the consumer and to the other modules. The block must be in memory (a lazy
+    model's block materialised by ``blocks.walk_blocks``): a bias made on the meta device would have no value.
     """
     spec = adapter.spec(kind)
-    if all(getattr(block.get_submodule(spec.consumer), "bias", None) is not None for block in blocks):
-        return 0, 0
-    if spec.bias_field is None:
-        return None
     added = {True: 0, False: 0}
-    for block in blocks:
-        for path in spec.biased_modules:
-            module = block.get_submodule(path)
-            if getattr(module, "bias", None) is None:
-                weight = module.weight
-                rows = adapter.weight(module).shape[0]
-                module.bias = nn.Parameter(torch.zeros(rows, dtype=weight.dtype, device=weight.device),
-                                           requires_grad=weight.requires_grad)
-                _record(module, "bias", None)
-                added[path == spec.consumer] += rows
-    setattr(config, spec.bias_field, True)
+    for path in spec.biased_modules:
+        module = block.get_submodule(path)
+        if getattr(module, "bias", None) is None:
+            weight = module.weight
+            rows = adapter.weight(module).shape[0]
+            module.bias = nn.Parameter(torch.zeros(rows, dtype=weight.dtype, device=weight.device),
+                                       requires_grad=weight.requires_grad)
+            _record(module, "bias", None)
+            added[path == spec.consumer] += rows
     return added[True], added[False]
