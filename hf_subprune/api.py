@@ -196,6 +196,22 @@ def _evaluation(before: dict, after: dict) -> dict:
     return out
 
 
+def _one_width_per_site_type(adapter, model: nn.Module, blocks: nn.ModuleList):
+    """The blocks' common widths (``site_costs``); a model whose blocks differ (pruned before with a per-layer
+    budget) is refused, since the widths and budgets start from one width per site type."""
+    try:
+        costs, per_layer = [site_costs(adapter, model.config, block) for block in blocks], False
+    except Exception as e:  # transformers refuses a global head count where the config sets one per layer
+        if type(e).__name__ != "AmbiguousGlobalPerLayerAttributeError":
+            raise
+        costs, per_layer = [], True
+    if per_layer or len({(c.mlp_width, c.heads, c.kv_heads) for c in costs}) > 1:
+        raise ValueError("the blocks of this model have different widths: it was pruned before with per-layer "
+                         "widths, and prune() starts from one width per site type. Prune the original model once to "
+                         "the total sparsity you want, or prune with budget='uniform' both times")
+    return costs[0]
+
+
 @torch.no_grad()
 def prune(
     model: nn.Module | str | Path,
@@ -260,6 +276,8 @@ def prune(
         base_model, license = base_model or base, license or base_license(name)
     adapter = get_adapter(model.config)
     check_model(model)
+    _, blocks = find_blocks(model)
+    costs = _one_width_per_site_type(adapter, model, blocks)
     check_run(model.config, config, input_ids=input_ids)  # a bad device or seq_len fails before calibrating
     rank, world = process_state(config.device)
     start = time.perf_counter()
@@ -277,10 +295,10 @@ def prune(
                          "give at least one sample per process (num_samples)")
     device = compute_device(config.device)
     show = progress and rank == 0
+    measured = time.perf_counter()
     before = _measure(evaluate, model)
+    start += time.perf_counter() - measured  # the time is the pruning's: no evaluation in it
     params_before = count_parameters(model)
-    _, blocks = find_blocks(model)
-    costs = site_costs(adapter, model.config, blocks[0])
     widths_before = {"mlp": costs.mlp_width, "heads": costs.heads, "kv_heads": costs.kv_heads}
     was_training = model.training
     model.eval()

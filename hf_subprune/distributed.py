@@ -8,7 +8,7 @@ import os
 
 import torch
 
-__all__ = ["process_state", "reduce_sum", "is_main_process", "compute_device", "finish"]
+__all__ = ["process_state", "reduce_sum", "compute_device", "finish"]
 
 
 def _launched() -> bool:
@@ -36,10 +36,6 @@ def process_state(device: str | torch.device | None = None) -> tuple[int, int]:
     if state is None:
         return 0, 1
     return state.process_index, state.num_processes
-
-
-def is_main_process() -> bool:
-    return process_state()[0] == 0
 
 
 def reduce_sum(tensors: list[torch.Tensor]) -> None:

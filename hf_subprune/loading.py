@@ -146,6 +146,27 @@ def _lazy_folder(name_or_path: str, path: Path) -> Path | None:
     return path if checkpoint_files(path) is not None else None
 
 
+def is_subprune_export(folder: Path) -> bool:
+    """A heterogeneous export written by hf_subprune: its modeling file is byte for byte the one hf_subprune writes
+    for the config's family, so loading it with ``trust_remote_code`` runs no code but this package's own."""
+    import json
+    from types import SimpleNamespace
+
+    from .adapters import UnsupportedModelError, get_adapter
+    from .outputs.heterogeneous import REMOTE_FILE, modeling_source
+
+    folder = Path(folder)
+    remote = folder / REMOTE_FILE
+    if not folder.is_dir() or not remote.is_file():
+        return False
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        adapter = get_adapter(SimpleNamespace(model_type=model_type))
+        return adapter.remote_code is not None and remote.read_text() == modeling_source(adapter, model_type)
+    except (OSError, ValueError, UnsupportedModelError):
+        return False
+
+
 def load_model(name_or_path: str, *, dtype: str = "auto", device: str | None = None, lazy: bool = False,
                need_tokenizer: bool = True):
     """``(model, tokenizer, base_model_name)`` for a hub id, a local folder, a ``.gguf`` file, or the
@@ -186,14 +207,16 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str | None = N
     else:
         _check_source(str(name_or_path), Path(path))
         local = Path(path).is_dir()
+        remote = {"trust_remote_code": True} if local and is_subprune_export(Path(path)) else {}
+        kwargs.update(remote)
         try:
-            config = transformers.AutoConfig.from_pretrained(path)
+            config = transformers.AutoConfig.from_pretrained(path, **remote)
         except (OSError, ValueError) as e:
             if not local:
                 raise FileNotFoundError(f"could not load {name_or_path} from the Hub: {e}") from None
             raise ValueError(f"{path}/config.json cannot be read ({e}); fix or re-download it") from None
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, **remote)
         except (OSError, ValueError, TypeError) as e:
             if need_tokenizer:
                 raise ValueError(f"no usable tokenizer in {path} ({type(e).__name__}: {e}); save the model's "
@@ -204,7 +227,7 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str | None = N
             from .pipeline.lazy import load_lazy
 
             _log.info(f"{name_or_path}: the blocks stay on disk and are loaded one at a time")
-            model = load_lazy(folder, _auto_class(config), dtype=kwargs.get("dtype"))
+            model = load_lazy(folder, _auto_class(config), dtype=kwargs.get("dtype"), **remote)
         else:
             if lazy:
                 _log.info(f"{name_or_path}: .bin weights are loaded whole in memory (only safetensors weights are "

@@ -196,3 +196,22 @@ def test_hub_id_from_the_cache_offline(folders, tmp_path, monkeypatch):
     probe = calibration_ids(2, 8)
     assert torch.equal(outputs(model, probe), outputs(transformers.AutoModelForCausalLM.from_pretrained(
         folders["llama"]), probe))
+
+
+def test_a_per_layer_export_loads_by_name_and_refuses_a_second_prune(folders, tmp_path):
+    """The default (per-layer) output: load_model reads it without asking for trust_remote_code (its modeling file
+    is hf_subprune's own), a tampered modeling file is not trusted, and pruning it again is refused clearly."""
+    from hf_subprune.loading import load_model
+
+    out = prune(str(folders["llama"]), input_ids=calibration_ids(8, 16), sparsity=0.3, progress=False).save(
+        tmp_path / "pruned")
+    report = json.loads((out / "subprune_report.json").read_text())
+    assert report["export"] == "heterogeneous"
+    assert len({(w["mlp"], w["heads"], w["kv_heads"]) for w in report["widths"]}) > 1
+    model, _, _ = load_model(str(out), need_tokenizer=False)
+    with pytest.raises(ValueError, match="pruned before with per-layer widths"):
+        prune(model, input_ids=calibration_ids(8, 16), sparsity=0.3, progress=False)
+
+    (out / "modeling_subprune.py").write_text((out / "modeling_subprune.py").read_text() + "\n# changed\n")
+    with pytest.raises(Exception):  # not ours any more: transformers asks for trust_remote_code
+        load_model(str(out), need_tokenizer=False)

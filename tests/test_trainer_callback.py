@@ -143,6 +143,10 @@ def test_one_cut_at_step_0_then_saved_and_reloaded(tmp_path):
     assert report["training"]["cuts"][0]["step"] == 0 and report["training"]["global_step"] == 6
     assert "pruned during training" in (out / "README.md").read_text()
     assert (out / "subprune_config.json").exists()
+    from hf_subprune.outputs.export import load_calibration_ids
+
+    saved_ids = load_calibration_ids(out)  # recover(out, "calibration") trains on them
+    assert saved_ids is not None and saved_ids.shape[0] > 0
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
     model.eval()

@@ -30,13 +30,13 @@ from ..files import REPORT_FILE
 from ..logs import get_logger
 from ..maths.methods import METHODS
 from ..outputs.card import write_card
-from ..outputs.export import _make_readable, check_reload
+from ..outputs.export import _make_readable, check_reload, save_calibration_ids
 from ..outputs.heterogeneous import needs_heterogeneous, write_heterogeneous
 from ..pipeline.capture import find_blocks
 from ..pipeline.surgery import ParameterCut, record_cuts
 from ..pipeline.widths import site_costs
 
-__all__ = ["SubpruneCallback", "CutRecord"]
+__all__ = ["SubpruneCallback", "CutRecord", "train_calibration", "carry_optimizer", "rebuild_ddp"]
 
 logger = get_logger(__name__)
 
@@ -506,7 +506,7 @@ class SubpruneCallback(TrainerCallback):
             model=model, tokenizer=self._tokenizer, config=config, widths=widths, widths_before=first.widths_before,
             sites=last.sites, params_before=self._params_original, params_after=count_parameters(model),
             seconds=sum(c.seconds for c in self.cuts), calibration=last.calibration, base_model=first.base_model,
-            license=first.license)
+            license=first.license, input_ids=last.input_ids)
 
     def _training_note(self) -> str:
         state = self._state
@@ -551,6 +551,8 @@ class SubpruneCallback(TrainerCallback):
         report["training"] = self.training_report()
         (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
         result.config.save_pretrained(folder)
+        if result.input_ids is not None:  # what recover(folder, "calibration") trains on
+            save_calibration_ids(result.input_ids, folder)
         write_card(folder, report)
         _make_readable(folder)
 

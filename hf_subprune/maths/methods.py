@@ -9,7 +9,7 @@ baselines:
 - *published* methods under their plain names (``flap``, ``wanda-sp``, ``magnitude``, ``random``,
   ``layer-greedy-fs``), run as their papers' code runs them: each fixes its own settings (``Method.settings``,
   applied over the ``PruneConfig``), and FLAP, which allocates widths over the whole model, runs its own pass
-  (``scope="global"``, ``published.py``); its scores and allocation are the pure functions at the end of this file.
+  (``scope="global"``, ``pipeline/flap.py``); its scores and allocation are the pure functions at the end of this file.
 
 ``select`` runs a per-site method for a budget and then either the least-squares refit or the method's own way of
 keeping the consumer (the original columns, plus bias compensation for the methods that have it).
@@ -48,7 +48,7 @@ class Method:
         published: run as its paper's code does; ``settings`` then says how.
         settings: ``PruneConfig`` fields the method fixes, whatever the config asks (e.g. ``refit=False``).
         scope: ``"site"`` (one site at a time, in the block runner) or ``"global"`` (a pass over the whole model
-            that decides every width itself, registered in ``published.MODEL_PASSES``).
+            that decides every width itself, registered in ``pipeline.flap.MODEL_PASSES``).
         note: how the method runs, for the report's notes.
     """
 
@@ -319,7 +319,7 @@ def compensation(weight: torch.Tensor, mean: torch.Tensor, kept_columns: torch.T
 
 
 # --------------------------------------------------------------------------------------------------
-# FLAP over the whole model (scores and allocation; the pass itself is in published.py)
+# FLAP over the whole model (scores and allocation; the pass itself is in pipeline/flap.py)
 # --------------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """Greedy submodular channel selection with a least-squares refit of the next layer.
 
 Pure tensor code (no transformers import): everything here works on one *site*'s summed statistics
-(DESIGN.md s.1-3), so it can be tested on random matrices and runs the same on CPU and CUDA.
+(DESIGN.md s.1-2), so it can be tested on random matrices and runs the same on CPU and CUDA.
 
 Notation: the consumer layer has weight ``W`` (m x d, ``nn.Linear`` layout). Over the calibration tokens,
 ``b_t`` is its input in the model pruned so far and ``y_t`` the output it should reproduce. We keep a set
@@ -27,6 +27,7 @@ __all__ = [
     "refit",
     "auto_shrinkage",
     "reconstruction_error",
+    "check_budget",
 ]
 
 
@@ -591,7 +592,7 @@ def _greedy_neurons(gram, cross, lam: torch.Tensor, own: torch.Tensor, k: int, p
     return _Run(kept.tolist(), gains.to(device="cpu", dtype=torch.float64), live_picks.cpu(), undecided)
 
 
-def _greedy_groups(gram, cross, lam: torch.Tensor, own: torch.Tensor, k: int, r: int, picker: _Picker,
+def _greedy_groups(gram, cross, own: torch.Tensor, k: int, r: int, picker: _Picker,
                    tol: float) -> _Run:
     """Groups of r columns (heads): keeps ``C_r`` and the residual diagonal blocks, updated by rank-r
     products; a group's gain needs its block's Cholesky factor (batched over groups). A step costs
@@ -669,7 +670,7 @@ def _greedy(prob: _Problem, layout: GroupLayout, k: int, partition, per_class, t
     with _exact_float32_matmul():
         if layout.group_size == 1:
             return _greedy_neurons(gram_p, cross_p, lam, own, k, picker, tol)
-        return _greedy_groups(gram_p, cross_p, lam, own, k, layout.group_size, picker, tol)
+        return _greedy_groups(gram_p, cross_p, own, k, layout.group_size, picker, tol)
 
 
 def _float32_verdict(run: _Run, fit: _Fit, r: int) -> tuple[float | None, str | None]:

@@ -122,7 +122,7 @@ def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = Tr
     ``max_shard_size`` bytes are split into files of at most that size, listed by an index."""
     path = Path(path)
     _clear_dead_saves(path)
-    check_output_folder(path, overwrite)
+    check_output_folder(path, overwrite, source=getattr(result, "base_model", None))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 When the blocks keep different widths (a per-block budget), or the config derives the head size from the head
 count (BERT, GPT-2: fewer heads would change it), ``config.json`` gets the widths as transformers'
-``per_layer_config`` overrides, and a small modeling file (``hf_subprune/remote_code``), wired with
+``per_layer_config`` overrides, and a small modeling file (``outputs/remote_code``), wired with
 ``auto_map``, builds each layer at its width under ``from_pretrained(..., trust_remote_code=True)``. Uniform
 widths that the stock config accepts keep the stock export, which every tool reading HF checkpoints loads.
 

@@ -55,13 +55,17 @@ def walk_blocks(model: nn.Module, inputs: BlockInputs, device, offload, *, desc:
         else:
             blocks[i].to(device)
         step = BlockStep(i, f"{prefix}.{i}", blocks[i], hidden)
-        yield step
-        if step.outputs is not None:
-            hidden = step.outputs
-        else:
-            mover = step.through if step.through is not None else step.block
-            hidden = [run_block(mover, inputs, hidden, j, device).to(offload) for j in range(len(hidden))]
-        if source is not None:
-            source.release(i, blocks[i], store=modifies)
-        else:
-            blocks[i].to(offload)
+        done = False
+        try:  # a pass that fails still sends its block back (a half-cut block is not stored)
+            yield step
+            if step.outputs is not None:
+                hidden = step.outputs
+            else:
+                mover = step.through if step.through is not None else step.block
+                hidden = [run_block(mover, inputs, hidden, j, device).to(offload) for j in range(len(hidden))]
+            done = True
+        finally:
+            if source is not None:
+                source.release(i, blocks[i], store=modifies and done)
+            else:
+                blocks[i].to(offload)

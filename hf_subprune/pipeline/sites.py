@@ -9,7 +9,7 @@ import torch
 
 from ..adapters import Adapter
 
-__all__ = ["Site", "block_sites"]
+__all__ = ["Site", "block_sites", "attention_site", "mlp_site"]
 
 
 @dataclass
