@@ -305,3 +305,5 @@ def test_classifier_recovers_on_its_labels(classifier, tmp_path):
     assert type(result.model).__name__ == "BertForSequenceClassification"
     with pytest.raises(ValueError, match="distill"):
         recover(pruned, "calibration", max_steps=1, progress=False)
+    with pytest.raises(ValueError, match="needs labels"):  # no labels to mix the classifier's own loss with
+        recover(pruned, "calibration", max_steps=1, distill=True, distill_weight=0.5, progress=False)

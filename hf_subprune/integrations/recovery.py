@@ -164,6 +164,10 @@ def _training_data(data: Any, model: nn.Module, tokenizer, report: dict, source:
             if not config.distill:
                 raise ValueError("data 'calibration' has no labels: a classifier recovers from it with distill "
                                  "(--distill) only, or give a labelled data file")
+            if config.distill_weight < 1:
+                raise ValueError(f"distill_weight {config.distill_weight} mixes in the classifier's own loss, which "
+                                 "needs labels that data 'calibration' has not: use distill_weight 1, or give a "
+                                 "labelled data file")
             examples = [{"input_ids": row.long(), "attention_mask": torch.ones_like(row)} for row in ids]
         else:
             examples = lm_examples(ids)
