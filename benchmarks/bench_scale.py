@@ -125,6 +125,8 @@ def bare_import_rss(python: str) -> int:
 
 def run_synthetic(args, python: str) -> list[dict]:
     rows = []
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     base = bare_import_rss(python)
     print(f"bare `import hf_subprune`: peak RSS {base / 2**30:.2f} GiB", flush=True)
     for name in args.sizes:
@@ -133,7 +135,10 @@ def run_synthetic(args, python: str) -> list[dict]:
             params, disk = write_synthetic(name, model_dir)
             cmd = [python, "-m", "hf_subprune", "prune", str(model_dir), "--sparsity", "0.2", "--num-samples", "8",
                    "--seq-len", "256", "--output", str(out_dir), "--quiet", *args.prune_args]
-            run = run_measured(cmd, env=_python_env())
+            env = _python_env()
+            if args.mmap_threshold:
+                env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+            run = run_measured(cmd, env=env)
             if run["returncode"] != 0:
                 print(run["output_tail"], flush=True)
             hidden, mlp, layers, heads, kv = SIZES[name]
@@ -142,7 +147,8 @@ def run_synthetic(args, python: str) -> list[dict]:
                    "tokens": 8 * 256, "seconds": run["seconds"], "returncode": run["returncode"],
                    "peak_rss_bytes": run["peak_rss_bytes"], "import_rss_bytes": base,
                    "peak_above_import_over_disk": (run["peak_rss_bytes"] - base) / disk,
-                   "prune_args": args.prune_args}
+                   "prune_args": args.prune_args, "mmap_threshold": args.mmap_threshold,
+                   "commit": commit}
             rows.append(row)
             print(f"{name}: {params / 1e9:.2f}B parameters, {disk / 2**30:.2f} GiB on disk, {run['seconds']:.0f} s, "
                   f"peak {run['peak_rss_bytes'] / 2**30:.2f} GiB ({row['peak_above_import_over_disk']:.2f}x disk "
@@ -180,7 +186,7 @@ def run_demo(args, python: str) -> list[dict]:
 
 
 def _key(row: dict) -> tuple:
-    return row["case"], row["size"]
+    return row["case"], row["size"], row.get("mmap_threshold", 0), row.get("commit", "")
 
 
 def table(rows: list[dict], env: dict) -> str:
@@ -188,15 +194,18 @@ def table(rows: list[dict], env: dict) -> str:
              f"{env['cpu_count']} CPU cores, torch {env['torch']}, {env['date']}. Peak: resident memory of the "
              "prune process and its children, sampled every 20 ms.", "",
              "## Synthetic Llama models (random bf16 weights on disk), 20%, 8 x 256 tokens", "",
-             "| size | parameters | shape (hidden / MLP / layers / heads / kv) | on disk GiB | seconds "
-             "| s per (B params x 1k tokens) | peak RSS GiB | peak above import / on disk (goal < 0.3) |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "Malloc: `MALLOC_MMAP_THRESHOLD_` given to the prune process (glibc; `-` = its default, dynamic up to "
+             "32 MB). Commit: the code measured.", "",
+             "| size | parameters | shape (hidden / MLP / layers / heads / kv) | on disk GiB | commit | malloc "
+             "| seconds | s per (B params x 1k tokens) | peak RSS GiB | peak above import / on disk (goal < 0.3) |",
+             "| --- | ---: | --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in [r for r in rows if r["case"] == "synthetic"]:
         s = r["shape"]
         rate = r["seconds"] / (r["parameters"] / 1e9 * r["tokens"] / 1e3)
         ok = "pass" if r["peak_above_import_over_disk"] < 0.3 and r["returncode"] == 0 else "fail"
         lines.append(f"| {r['size']} | {r['parameters']:,} | {s['hidden']} / {s['mlp']} / {s['layers']} / "
-                     f"{s['heads']} / {s['kv_heads']} | {r['disk_bytes'] / 2**30:.2f} | {r['seconds']:.0f} "
+                     f"{s['heads']} / {s['kv_heads']} | {r['disk_bytes'] / 2**30:.2f} | {r.get('commit', '-')} "
+                     f"| {r.get('mmap_threshold') or '-'} | {r['seconds']:.0f} "
                      f"| {rate:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['peak_above_import_over_disk']:.2f} "
                      f"({ok}) |")
     demo = {r["size"]: r for r in rows if r["case"] == "demo"}
@@ -225,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the code when the scale issue was filed)")
     parser.add_argument("--prune-args", nargs=argparse.REMAINDER, default=[],
                         help="further flags for the synthetic prunes (after everything else)")
+    parser.add_argument("--mmap-threshold", type=int, default=0,
+                        help="bytes: set MALLOC_MMAP_THRESHOLD_ for the synthetic prunes (0: glibc's default)")
     parser.add_argument("--work-dir", default=None, help="where the temporary models go (default: the system's)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

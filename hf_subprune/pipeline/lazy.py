@@ -26,6 +26,7 @@ from torch import nn
 
 from ..logs import get_logger
 from .capture import find_blocks
+from .memory import release_freed_memory
 
 __all__ = ["LAZY_ATTRIBUTE", "SINGLE_FILE", "INDEX_FILE", "SAFETENSORS_DTYPES", "Tally", "TALLY", "BlockSource",
            "lazy_blocks", "checkpoint_files", "load_lazy"]
@@ -150,6 +151,7 @@ class BlockSource:
         if self.is_live(index):
             self._state.live.discard(index)
             TALLY.add(-1)
+        release_freed_memory()
 
     def _read(self, index: int, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """The block's tensors one by one, on the CPU (each moved on before the next is read)."""

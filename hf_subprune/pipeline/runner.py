@@ -16,6 +16,7 @@ from ..maths.methods import select
 from ..maths.selection import SiteStatistics, auto_shrinkage, reconstruction_error
 from .blocks import walk_blocks
 from .capture import BlockInputs, find_blocks
+from .memory import release_freed_memory
 from .sites import Site, block_sites
 from .statistics import collect_statistics
 from .surgery import apply_selection
@@ -99,10 +100,12 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
             t0 = time.perf_counter()
             stats = collect_statistics(site, adapter, block, original, inputs, step.hidden, variant, device, dtype,
                                        cfg.token_weights)
+            release_freed_memory()  # the activations the statistics were built from, before the selection's buffers
             t1 = time.perf_counter()
             report = _prune_site(site, adapter, block, stats, cfg, step.index)
             report.seconds_statistics, report.seconds_selection = t1 - t0, time.perf_counter() - t1
             reports.append(report)
             del stats
+            release_freed_memory()  # the site's statistics and selection buffers
         step.through = original if variant.stream == "original" else block
     return reports
