@@ -3,7 +3,9 @@
 SmolLM2-135M pruned at each --sparsities (fraction of the prunable MLP + attention parameters) with each --budgets
 (uniform: the stock config, any serving stack; fluctuation: the default's per-layer widths; global: per-layer
 widths from the error curves), calibrated on a few WikiText-2 valid sequences (speed does not depend on them).
-Measured on --device, in --dtype, the median of --repeats timed runs after one warm-up:
+Measured on --device, in --dtype: every model is pruned first, then --rounds rounds time each model in turn (one
+warm-up, then the median of --repeats timed runs), so that a slow spell of the machine falls on all of them; a
+row holds the median over the rounds, and its spread (min, max) is kept in the jsonl:
 
 - prefill: one forward over 512 tokens, batch 1 and 8, with the logits of the last position only, as a server's
   prefill computes them (tokens/s = batch x 512 / time);
@@ -95,8 +97,8 @@ def table(rows: list[dict], device: str) -> str:
     head = " | ".join(f"{m.replace('_b', ' b')} tok/s (x dense)" for m in metrics)
     lines = [f"# Inference speed, {device}", "",
              f"SmolLM2-135M; prefill of {PREFILL_TOKENS} tokens, decode of {NEW_TOKENS} new tokens after a "
-             f"{PROMPT_TOKENS}-token prompt (KV cache), median of timed runs; x dense: speed-up over the dense row "
-             "of the same dtype and threads.", "",
+             f"{PROMPT_TOKENS}-token prompt (KV cache), median over rounds that time every model in turn; x dense: "
+             "speed-up over the dense row of the same dtype and threads.", "",
              f"| budget | sparsity | parameters | {head} |", "| --- | --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
     dense = {(r["dtype"], r["threads"]): r for r in rows if r["budget"] == "dense"}
     for r in sorted(rows, key=lambda r: (r["dtype"], r["threads"], r["budget"] != "dense", r["budget"], r["sparsity"])):
@@ -117,7 +119,8 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.2,0.3,0.5")
     parser.add_argument("--budgets", default="uniform,global", help="comma-separated: uniform, fluctuation, global")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per round (their median)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds over all models (the median of the rounds)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -137,18 +140,29 @@ def main() -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
     batches = [int(b) for b in args.batches.split(",")]
     plan = [("dense", 0.0)] + [(b, float(s)) for b in args.budgets.split(",") for s in args.sparsities.split(",")]
+    models = {}
     for budget, sparsity in plan:
         model = copy.deepcopy(base)
         if budget != "dense":
             prune(model, input_ids=ids, sparsity=sparsity, budget=budget, progress=False, device=args.device)
-        model = model.to(device=device, dtype=dtype).eval()
+        models[budget, sparsity] = model.to(device=device, dtype=dtype).eval()
+        print(f"pruned: {budget} {sparsity:.0%}", flush=True)
+    # Rounds over every model in turn, so that a slow spell of the machine hits all of them alike; per model
+    # and metric, the median over the rounds (each round: one warm-up run, then --repeats timed runs' median).
+    samples: dict[tuple, list[dict]] = {key: [] for key in models}
+    for r in range(args.rounds):
+        for key, model in models.items():
+            samples[key].append(measure(model, device, batches, args.repeats, model.config.vocab_size))
+        print(f"round {r + 1}/{args.rounds}: dense {samples['dense', 0.0][-1]}", flush=True)
+    for (budget, sparsity), model in models.items():
+        runs = samples[budget, sparsity]
         row = {"budget": budget, "sparsity": sparsity, "dtype": args.dtype, "threads": torch.get_num_threads(),
-               "device": str(device), "params": count_parameters(model),
-               "tokens_per_s": measure(model, device, batches, args.repeats, model.config.vocab_size)}
+               "device": str(device), "params": count_parameters(model), "rounds": args.rounds,
+               "tokens_per_s": {m: statistics.median(run[m] for run in runs) for m in runs[0]},
+               "spread": {m: [min(run[m] for run in runs), max(run[m] for run in runs)] for m in runs[0]}}
         rows = [r for r in rows if _key(r) != _key(row)] + [row]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(budget, f"{sparsity:.0%}", {k: round(v) for k, v in row["tokens_per_s"].items()}, flush=True)
-        del model
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = table(rows, str(device))
     (RESULTS / f"speed_{device.type}.md").write_text(text)
     print(text)

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from .files import CONFIG_FILE, REPORT_FILE
+from .pipeline.variants import VARIANTS as _VARIANT_TABLE
 
 __all__ = ["PruneConfig", "CONFIG_FILE", "VARIANTS", "ATTENTION_MODES", "BUDGETS", "TOKEN_WEIGHTS"]
 
-VARIANTS = ("asymmetric", "sequential", "layerwise")
+VARIANTS = tuple(_VARIANT_TABLE)  # the names; the table itself says what each variant does
 ATTENTION_MODES = ("query_quota", "kv_group")
 BUDGETS = ("uniform", "global", "fluctuation")
 TOKEN_WEIGHTS = ("residual", "none")

@@ -303,6 +303,13 @@ def test_classifier_recovers_on_its_labels(classifier, tmp_path):
     assert 0 <= recovery["evaluation"]["accuracy"]["after"] <= 1
     assert "cross-entropy on the labels" in (tmp_path / "recovered" / "README.md").read_text()
     assert type(result.model).__name__ == "BertForSequenceClassification"
+    # columns named otherwise: the names given for training read the evaluation file too
+    renamed = tmp_path / "reviews.tsv"
+    renamed.write_text("review\tstars\n" + data.read_text().split("\n", 1)[1])
+    recover(pruned, renamed, output=tmp_path / "recovered-renamed", epochs=1, batch_size=8, lr=1e-3,
+                    progress=False, eval_data=renamed, text_column="review", label_column="stars")
+    measured = _report(tmp_path / "recovered-renamed")["recovery"]["evaluation"]
+    assert measured["accuracy_protocol"]["examples"] == 24 and measured["accuracy"]["before"] is not None
     with pytest.raises(ValueError, match="distill"):
         recover(pruned, "calibration", max_steps=1, progress=False)
     with pytest.raises(ValueError, match="needs labels"):  # no labels to mix the classifier's own loss with

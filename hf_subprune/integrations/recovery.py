@@ -397,15 +397,18 @@ def _load_teacher(name: str, student: nn.Module, dtype: str | None) -> nn.Module
 
 
 def _evaluator(model: nn.Module, tokenizer, report: dict, eval_text: str | Path | None,
-               eval_data: str | Path | None) -> Evaluator | None:
-    """The measure before and after recovery: ``eval_data`` (labelled) or ``eval_text``, else the protocol of the
-    prune report's own evaluation, when its text can be read again here."""
+               eval_data: str | Path | None, text_column: str | None = None,
+               label_column: str | None = None) -> Evaluator | None:
+    """The measure before and after recovery: ``eval_data`` (labelled, read with the training data's column names)
+    or ``eval_text``, else the protocol of the prune report's own evaluation, when its text can be read again
+    here."""
     if _is_classifier(model):
         protocol = (report.get("evaluation") or {}).get("accuracy_protocol") or {}
         source = eval_data or (protocol.get("data") if Path(str(protocol.get("data", ""))).is_file() else None)
         if source is None:
             return None
-        texts, labels = load_labelled(source, label2id=getattr(model.config, "label2id", None))
+        columns = {"text_column": text_column, "label_column": label_column} if eval_data is not None else {}
+        texts, labels = load_labelled(source, label2id=getattr(model.config, "label2id", None), **columns)
         return AccuracyEvaluator(tokenizer, texts, labels, str(source), max_length=protocol.get("max_length", 128))
     if not get_adapter(model.config).causal_lm:
         return None
@@ -556,7 +559,7 @@ def recover(
             if not teacher_name:
                 raise ValueError("distill: the report records no base model; name the teacher (--teacher)")
             teacher_model = _load_teacher(teacher_name, model, dtype)
-    measure = evaluate or _evaluator(model, tokenizer, report, eval_text, eval_data)
+    measure = evaluate or _evaluator(model, tokenizer, report, eval_text, eval_data, text_column, label_column)
     model.to(training_device(device))
     before = _measure(measure, model)
     model, stats = finetune(model, tokenizer, examples, config, teacher=teacher_model, device=device,

@@ -85,18 +85,20 @@ def check_output_folder(path: str | Path, overwrite: bool, source: str | Path | 
     resolved = path.resolve()
     cwd = Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
-        raise FileExistsError(f"--output {path} is the current folder or one holding it: the save replaces the "
-                              "output folder whole; give a new folder, e.g. --output ./pruned")
+        raise FileExistsError(f"output folder {path} is the current folder or one holding it: the save replaces "
+                              "the output folder whole; give a new folder, e.g. ./pruned")
     if source is not None and Path(source).exists():
         src = Path(source).resolve()
         src_folder = src.parent if src.is_file() else src
         if resolved == src_folder or resolved in src_folder.parents:
-            raise FileExistsError(f"--output {path} is the input model's folder or one holding it ({src_folder}); "
-                                  "the save would replace the model being pruned: give another output folder")
+            raise FileExistsError(f"output folder {path} is the input model's folder or one holding it "
+                                  f"({src_folder}); the save would replace the model being pruned: give another "
+                                  "output folder")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a folder; give a folder path for the output")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; choose another output folder or pass --overwrite")
+        raise FileExistsError(f"{path} exists and is not empty; choose another output folder or pass --overwrite "
+                              "(overwrite=True in Python)")
     parent = resolved.parent
     while not parent.exists() and parent != parent.parent:  # the save creates missing parents
         parent = parent.parent
