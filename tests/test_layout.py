@@ -122,3 +122,11 @@ def test_public_names_exist():
         module = importlib.import_module(name.removesuffix(".__init__"))
         missing += [f"{name}.{n}" for n in getattr(module, "__all__", []) if not hasattr(module, n)]
     assert not missing, missing
+
+
+def test_config_variant_names_are_the_variant_table():
+    """config lists the variant names (it imports no pipeline module); the table in pipeline.variants defines them."""
+    from hf_subprune.config import VARIANTS as names
+    from hf_subprune.pipeline.variants import VARIANTS as table
+
+    assert names == tuple(table)
