@@ -71,7 +71,7 @@ def check_run(model_config: Any, config: Any, input_ids: torch.Tensor | None = N
     check_device(config.device)
     check_device(config.offload_device, flag="offload_device")
     seq_len = int(input_ids.shape[-1]) if input_ids is not None else int(config.seq_len)
-    _check_seq_len(seq_len)  # check_config's checks, on the windows actually given
+    _check_seq_len(seq_len)
     encoder = not get_adapter(model_config).causal_lm
     if input_ids is None and encoder and seq_len < 3:
         raise ValueError(f"seq_len (--seq-len) {seq_len} leaves no text token for an encoder (its windows are "

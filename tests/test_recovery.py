@@ -306,8 +306,8 @@ def test_classifier_recovers_on_its_labels(classifier, tmp_path):
     # columns named otherwise: the names given for training read the evaluation file too
     renamed = tmp_path / "reviews.tsv"
     renamed.write_text("review\tstars\n" + data.read_text().split("\n", 1)[1])
-    recover(pruned, renamed, output=tmp_path / "recovered-renamed", epochs=1, batch_size=8, lr=1e-3,
-                    progress=False, eval_data=renamed, text_column="review", label_column="stars")
+    recover(pruned, renamed, output=tmp_path / "recovered-renamed", epochs=1, batch_size=8, lr=1e-3, progress=False,
+            eval_data=renamed, text_column="review", label_column="stars")
     measured = _report(tmp_path / "recovered-renamed")["recovery"]["evaluation"]
     assert measured["accuracy_protocol"]["examples"] == 24 and measured["accuracy"]["before"] is not None
     with pytest.raises(ValueError, match="distill"):
