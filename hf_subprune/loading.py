@@ -4,8 +4,10 @@ for safetensors weights lazily, the blocks left on disk (``pipeline.lazy``)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -149,9 +151,6 @@ def _lazy_folder(name_or_path: str, path: Path) -> Path | None:
 def is_subprune_export(folder: Path) -> bool:
     """A heterogeneous export written by hf_subprune: its modeling file is byte for byte the one hf_subprune writes
     for the config's family, so loading it with ``trust_remote_code`` runs no code but this package's own."""
-    import json
-    from types import SimpleNamespace
-
     from .adapters import UnsupportedModelError, get_adapter
     from .outputs.heterogeneous import REMOTE_FILE, modeling_source
 

@@ -151,7 +151,7 @@ class BlockSource:
         if self.is_live(index):
             self._state.live.discard(index)
             TALLY.add(-1)
-        release_freed_memory()
+            release_freed_memory()  # only a live block had real tensors to free
 
     def _read(self, index: int, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """The block's tensors one by one, on the CPU (each moved on before the next is read)."""
