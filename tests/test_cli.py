@@ -90,10 +90,29 @@ def test_bad_input_gets_a_clear_error(model_dir, tmp_path, args, message):
     assert run.returncode == 2 and message in run.stderr, run.stderr
 
 
+def test_synthetic_samples_flag(model_dir, tmp_path):
+    """--synthetic-samples N with the model in memory: N sequences the model wrote join the calibration; lazily
+    loaded (the default for a folder), asking for them is refused with what to do."""
+    text = tmp_path / "calib.txt"
+    text.write_text(_corpus())
+    common = ["--sparsity", "0.3", "--calibration", str(text), "--num-samples", "2", "--seq-len", "24",
+              "--budget", "uniform", "--quiet"]
+    out = tmp_path / "pruned"
+    run = _run("prune", str(model_dir), "--output", str(out), "--synthetic-samples", "3", "--no-lazy", *common,
+               cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    cal = json.loads((out / "subprune_report.json").read_text())["calibration"]
+    assert (cal["real_samples"], cal["synthetic_samples"], cal["num_samples"]) == (2, 3, 5)
+    refused = _run("prune", str(model_dir), "--output", str(tmp_path / "lazy"), "--synthetic-samples", "3", *common,
+                   cwd=tmp_path)
+    assert refused.returncode == 2 and "--no-lazy" in refused.stderr, refused.stderr
+    assert not (tmp_path / "lazy").exists()
+
+
 def test_help_lists_every_flag():
     run = _run("prune", "--help", cwd=ROOT)
     for flag in ("--output", "--overwrite", "--sparsity", "--mlp-sparsity", "--attention-sparsity", "--calibration",
-                 "--num-samples", "--seq-len", "--method", "--variant", "--no-refit", "--recipe", "--seed",
+                 "--num-samples", "--synthetic-samples", "--seq-len", "--method", "--variant", "--no-refit", "--recipe", "--seed",
                  "--device", "--dtype"):
         assert flag in run.stdout
 
