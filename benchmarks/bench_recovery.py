@@ -10,7 +10,8 @@ row (``hf_subprune.integrations.recovery.finetune``: a stock Trainer, LoRA merge
 - LoRA on the 32 calibration sequences only (the paper's limited-data setting), LM loss; and distillation (KL
   from the dense model's distribution, no labels: Minitron's recovery);
 - LoRA on 4x more WikiText-2 valid text (128 blocks drawn with the same seed: they hold the 32 calibration ones);
-- a full fine-tune on the calibration sequences, LM loss and distillation (the gradual row trains every weight too);
+- a full fine-tune on the calibration sequences: LM loss, distillation, and half of each (the gradual row trains
+  every weight too);
 - gradual pruning in one Trainer run (``SubpruneCallback``: three cuts up to the sparsity by half the steps, full
   fine-tune throughout, same steps and data). A schedule of several cuts needs uniform widths, where the one-shot
   rows use the default per-layer budget. The row is skipped, with a message, where the callback is unavailable.
@@ -55,7 +56,8 @@ from data import add_data_arguments, require, wikitext_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DENSE, DENSE_FT, DENSE_FT_FULL = "dense", "dense + same fine-tune", "dense + same full fine-tune"
-# label: (training data, how: lora / full / gradual / None, distillation)
+# label: (training data, how: lora / full / gradual / None, distillation: False, True, or the KL's share of a loss
+# mixed with the LM loss)
 ROWS = {
     "pruned, no recovery": (None, None, False),
     "LoRA, calibration, LM loss": ("calibration", "lora", False),
@@ -63,6 +65,7 @@ ROWS = {
     "LoRA, 4x WikiText-2 valid, LM loss": ("4x", "lora", False),
     "full, calibration, LM loss": ("calibration", "full", False),
     "full, calibration, distillation": ("calibration", "full", True),
+    "full, calibration, LM + distillation": ("calibration", "full", 0.5),
     "gradual (SubpruneCallback), full, calibration": ("calibration", "gradual", False),
 }
 METRICS = (("wikitext2_test", "WikiText-2 test"), ("heldout", "held-out built-in"))
@@ -122,11 +125,13 @@ class Task:
                                  max_tokens=self.args.eval_tokens)
                 for name, text in self.texts.items()}
 
-    def recovery_config(self, how: str, distill: bool) -> RecoveryConfig:
+    def recovery_config(self, how: str, distill: bool | float) -> RecoveryConfig:
+        weight = 1.0 if isinstance(distill, bool) else float(distill)
         return RecoveryConfig(full=how != "lora", max_steps=self.args.steps, lr=self.args.lr,
-                              batch_size=self.args.batch_size, lora_r=self.args.lora_r, distill=distill, seed=0)
+                              batch_size=self.args.batch_size, lora_r=self.args.lora_r, distill=bool(distill),
+                              distill_weight=weight, seed=0)
 
-    def train(self, model, data: str, how: str, distill: bool, callbacks=None) -> tuple:
+    def train(self, model, data: str, how: str, distill: bool | float, callbacks=None) -> tuple:
         blocks = self.calibration if data == "calibration" else self.more
         with PeakMemory(self.device) as memory:
             model, stats = finetune(model, self.tokenizer, lm_examples(blocks), self.recovery_config(how, distill),
