@@ -27,7 +27,7 @@ from .pipeline.lazy import lazy_blocks
 from .pipeline.runner import SiteReport, prune_blocks
 from .pipeline.surgery import update_config
 from .pipeline.widths import Widths, site_costs
-from .synthetic import PROMPT_TOKENS, TOP_P, can_generate, check_synthetic, self_generated
+from .synthetic import PROMPT_TOKENS, TOP_P, can_generate, self_generated, synthetic_count
 
 __all__ = ["prune", "PruneResult", "count_parameters", "Evaluator"]
 
@@ -203,10 +203,9 @@ def _add_synthetic(model: nn.Module, input_ids: torch.Tensor, config: PruneConfi
     """The calibration with the sequences the model writes itself appended (``synthetic.py``), and what the report
     says about them. Every process generates the same ones (same seed, same batches) before the samples are
     shared out, so the result does not depend on the process count."""
-    count = config.synthetic_samples
-    check_synthetic(count, seq_len=int(input_ids.shape[1]), generative=causal_lm and can_generate(model),
-                    lazy=lazy_blocks(model) is not None)
-    record: dict = {"synthetic_samples": count}
+    count, note = synthetic_count(config.synthetic_samples, len(input_ids), seq_len=int(input_ids.shape[1]),
+                                  generative=causal_lm and can_generate(model), lazy=lazy_blocks(model) is not None)
+    record: dict = {"synthetic_samples": count, "notes": [note] if note else []}
     if not count:
         return input_ids, record
     start = time.perf_counter()
@@ -217,8 +216,9 @@ def _add_synthetic(model: nn.Module, input_ids: torch.Tensor, config: PruneConfi
     generated = self_generated(model, input_ids, count, seed=config.seed, pad_token_id=pad)
     record["synthetic"] = {"prompt_tokens": PROMPT_TOKENS, "top_p": TOP_P, "temperature": 1.0,
                            "seconds": round(time.perf_counter() - start, 3)}
-    logger.info(f"{count} synthetic calibration sequences: the dense model continued {PROMPT_TOKENS}-token prompts "
-                f"from the {len(input_ids)} given ones (nucleus {TOP_P}) in {record['synthetic']['seconds']:.0f} s")
+    record["notes"].append(f"{count} synthetic calibration sequences: the dense model continued {PROMPT_TOKENS}-token "
+                           f"prompts from the {len(input_ids)} given ones (nucleus {TOP_P}), to go with them")
+    logger.info(record["notes"][-1])
     return torch.cat([input_ids, generated]), record
 
 
@@ -318,6 +318,7 @@ def prune(
     real_samples = len(input_ids)
     input_ids, synthetic = _add_synthetic(model, input_ids, config, adapter.causal_lm)
     config, budget_notes = resolve_budget(config, int(input_ids.numel()))
+    budget_notes[:0] = synthetic.pop("notes")
     if len(input_ids) < world:
         raise ValueError(f"{len(input_ids)} calibration samples cannot be shared by {world} processes: "
                          "give at least one sample per process (num_samples)")

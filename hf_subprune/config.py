@@ -146,12 +146,13 @@ class PruneConfig:
     mlp_multiple: int = _help("Round MLP widths to a multiple of this (e.g. 8 or 64 for fast kernels).", 1)
     min_width_fraction: float = _help("Global budgets: no MLP keeps fewer than this fraction of its neurons.", 0.1)
     num_samples: int = _help("Number of calibration sequences.", 128)
-    synthetic_samples: int = _help(
+    synthetic_samples: int | None = _help(
         "Sequences the dense model writes itself (continuing 8-token prompts taken from the calibration, nucleus "
-        "sampling) and adds to the calibration: the statistics then also see text from the model's own "
-        "distribution, and the cut holds better on text unlike the calibration, at a cost of a few percent in the "
-        "calibration's own domain. Causal LMs held in memory (not lazily loaded).",
-        0,
+        "sampling), added to the calibration: with a few samples the statistics then also see text from the "
+        "model's own distribution, and the cut holds better on text unlike the calibration (from about 2048 real "
+        "tokens on, at some cost in the calibration's own domain). None (default): top a calibration of fewer "
+        "than 2048 tokens up to 8 sequences, for a causal LM held in memory (none for a lazily loaded model or an "
+        "encoder). 0: off.",
     )
     seq_len: int = _help("Tokens per calibration sequence.", 512)
     batch_size: int = _help("Sequences per forward pass during calibration (results do not depend on it).", 8)
@@ -196,7 +197,7 @@ class PruneConfig:
             raise ValueError(f"min_width_fraction must be in [0, 1], got {self.min_width_fraction}")
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
-        if self.synthetic_samples < 0:
+        if self.synthetic_samples is not None and self.synthetic_samples < 0:
             raise ValueError(f"synthetic_samples must be >= 0, got {self.synthetic_samples}: 0 turns it off")
         if self.shrinkage is not None and self.shrinkage < 0:
             raise ValueError(f"shrinkage must be >= 0, got {self.shrinkage}")

@@ -73,7 +73,7 @@ def test_every_saved_card_has_its_plots(run, tmp_path):
 
 def test_card_says_which_calibration_sequences_the_model_wrote_itself(tmp_path):
     result = prune(tiny_model("llama"), budget="uniform", input_ids=calibration_ids(3, 20), sparsity=0.3,
-                   synthetic_samples=4, progress=False)
+                   progress=False)
     card = (result.save(tmp_path / "out") / "README.md").read_text()
     count = result.calibration["synthetic_samples"]
     assert count > 0

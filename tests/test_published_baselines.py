@@ -397,8 +397,10 @@ def test_fluctuation_budget_takes_flaps_widths_and_greedy_picks_within(family):
 
 def test_default_budget_needs_enough_calibration_tokens():
     """By default, FLAP's allocation from 64 calibration tokens on, uniform widths below, and the report says why."""
-    enough = prune(tiny_model("llama"), input_ids=calibration_ids(4, 16), sparsity=0.3, progress=False)
-    few = prune(tiny_model("llama"), input_ids=calibration_ids(3, 16), sparsity=0.3, progress=False)
+    enough = prune(tiny_model("llama"), input_ids=calibration_ids(4, 16), sparsity=0.3, synthetic_samples=0,
+                   progress=False)
+    few = prune(tiny_model("llama"), input_ids=calibration_ids(3, 16), sparsity=0.3, synthetic_samples=0,
+                progress=False)
     assert enough.config.budget == "fluctuation" and few.config.budget == "uniform"
     assert any("too few for the fluctuation budget" in n for n in few.notes)
     assert PruneConfig(sparsity=0.3).budget is None and PruneConfig(sparsity=0.3, budget="global").budget == "global"

@@ -8,7 +8,8 @@ import torch
 from conftest import calibration_ids, tiny_model
 from hf_subprune import PruneConfig, prune
 from hf_subprune.calibration import fingerprint
-from hf_subprune.synthetic import PROMPT_TOKENS, SyntheticError, _prompts, check_synthetic, self_generated
+from hf_subprune.synthetic import (AUTO_BELOW_TOKENS, AUTO_TARGET, PROMPT_TOKENS, SyntheticError, _prompts,
+                                   self_generated, synthetic_count)
 
 
 def test_prompts_take_every_row_in_turn_at_spread_offsets():
@@ -35,6 +36,20 @@ def test_generated_sequences_continue_their_prompts_and_depend_only_on_the_seed(
     assert int(a.max()) < model.config.vocab_size
 
 
+def test_automatic_count_tops_up_short_calibrations_of_causal_lms_in_memory_only():
+    assert synthetic_count(None, 3, seq_len=64, generative=True, lazy=False) == (AUTO_TARGET - 3, None)
+    seq_len = AUTO_BELOW_TOKENS // 4  # 4 sequences reach the threshold
+    assert synthetic_count(None, 3, seq_len=seq_len, generative=True, lazy=False) == (AUTO_TARGET - 3, None)
+    assert synthetic_count(None, 4, seq_len=seq_len, generative=True, lazy=False) == (0, None)
+    assert synthetic_count(None, 1, seq_len=AUTO_BELOW_TOKENS, generative=True, lazy=False) == (0, None)
+    assert synthetic_count(None, AUTO_TARGET, seq_len=64, generative=True, lazy=False) == (0, None)
+    assert synthetic_count(None, 3, seq_len=64, generative=False, lazy=False) == (0, None)
+    assert synthetic_count(None, 3, seq_len=PROMPT_TOKENS, generative=True, lazy=False) == (0, None)
+    count, note = synthetic_count(None, 3, seq_len=64, generative=True, lazy=True)
+    assert count == 0 and "lazily" in note
+    assert synthetic_count(5, 100, seq_len=64, generative=True, lazy=False) == (5, None)
+
+
 @pytest.mark.parametrize("kwargs, words", [
     (dict(generative=False, lazy=False, seq_len=64), "cannot generate"),
     (dict(generative=True, lazy=True, seq_len=64), "lazy=False"),
@@ -42,8 +57,7 @@ def test_generated_sequences_continue_their_prompts_and_depend_only_on_the_seed(
 ])
 def test_asking_for_synthetic_samples_where_none_can_be_made_says_why(kwargs, words):
     with pytest.raises(SyntheticError, match=words):
-        check_synthetic(2, **kwargs)
-    check_synthetic(0, **kwargs)  # none asked: nothing to refuse
+        synthetic_count(2, 3, **kwargs)
 
 
 def test_negative_count_is_refused():
@@ -56,30 +70,33 @@ def test_prune_records_the_synthetic_samples_and_batch_size_does_not_matter(sing
     results = []
     for batch_size in (1, 8):
         model = tiny_model("llama")
-        results.append(prune(model, input_ids=real, sparsity=0.3, num_samples=3, seq_len=20, synthetic_samples=5,
+        results.append(prune(model, input_ids=real, sparsity=0.3, num_samples=3, seq_len=20,
                              batch_size=batch_size, progress=False))
     first, second = results
     cal = first.calibration
-    assert (cal["real_samples"], cal["synthetic_samples"], cal["num_samples"]) == (3, 5, 8)
-    assert cal["tokens"] == 8 * 20 and cal["synthetic"]["prompt_tokens"] == PROMPT_TOKENS
+    assert (cal["real_samples"], cal["synthetic_samples"], cal["num_samples"]) == (3, AUTO_TARGET - 3, AUTO_TARGET)
+    assert cal["tokens"] == AUTO_TARGET * 20 and cal["synthetic"]["prompt_tokens"] == PROMPT_TOKENS
     assert torch.equal(first.input_ids[:3], real)
     assert cal["fingerprint"] == second.calibration["fingerprint"] == fingerprint(first.input_ids)
+    assert any("synthetic calibration" in note for note in first.notes)
     for a, b in zip(first.model.parameters(), second.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_synthetic_samples_change_the_cut_and_are_off_by_default(single_thread):
+def test_synthetic_samples_change_the_cut_and_zero_turns_them_off(single_thread):
     real = calibration_ids(2, 20)
-    off = prune(tiny_model("llama"), input_ids=real, sparsity=0.3, num_samples=2, seq_len=20, progress=False)
+    off = prune(tiny_model("llama"), input_ids=real, sparsity=0.3, num_samples=2, seq_len=20,
+                synthetic_samples=0, progress=False)
     assert off.calibration["synthetic_samples"] == 0 and off.calibration["num_samples"] == 2
-    on = prune(tiny_model("llama"), input_ids=real, sparsity=0.3, num_samples=2, seq_len=20, synthetic_samples=6,
-               progress=False)
-    assert on.calibration["synthetic_samples"] == 6
+    on = prune(tiny_model("llama"), input_ids=real, sparsity=0.3, num_samples=2, seq_len=20, progress=False)
+    assert on.calibration["synthetic_samples"] == AUTO_TARGET - 2
     assert any(not torch.equal(a, b) for a, b in zip(off.model.parameters(), on.model.parameters()))
 
 
-def test_encoders_refuse_synthetic_samples_before_anything_changes(single_thread):
+def test_encoders_get_none_and_refuse_an_explicit_count(single_thread):
     ids = calibration_ids(2, 20)
+    result = prune(tiny_model("bert"), input_ids=ids, sparsity=0.3, num_samples=2, seq_len=20, progress=False)
+    assert result.calibration["synthetic_samples"] == 0
     model = tiny_model("bert")
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(SyntheticError, match="cannot generate"):

@@ -434,12 +434,14 @@ class SubpruneCallback(TrainerCallback):
     def _cut_config(self, sparsity: float | None, model: nn.Module) -> tuple[PruneConfig, float | None]:
         """The config of this cut and its sparsity relative to the current model (None: the config's own)."""
         device = self.config.device or str(next(model.parameters()).device)
+        # the training data is the calibration: the model writes none itself unless asked (synthetic.py)
+        synthetic = 0 if self.config.synthetic_samples is None else self.config.synthetic_samples
         if sparsity is None:
-            return dataclasses.replace(self.config, device=device), None
+            return dataclasses.replace(self.config, device=device, synthetic_samples=synthetic), None
         relative = 1 - (1 - sparsity) * self._prunable_original / _prunable(model)
         budget = self.config.budget if len(self.schedule) == 1 else "uniform"
         cfg = PruneConfig.from_dict({**self.config.to_dict(), "sparsity": max(relative, 0.0), "budget": budget,
-                                     "device": device})
+                                     "device": device, "synthetic_samples": synthetic})
         return cfg, relative
 
     def _cut(self, step: int, sparsity: float | None, model: nn.Module, optimizer, dataloader,
