@@ -149,10 +149,10 @@ class PruneConfig:
     synthetic_samples: int | None = _help(
         "Sequences the dense model writes itself (continuing 8-token prompts taken from the calibration, nucleus "
         "sampling), added to the calibration: with a few samples the statistics then also see text from the "
-        "model's own distribution, and the cut holds better on text unlike the calibration (from about 2048 real "
-        "tokens on, at some cost in the calibration's own domain). None (default): top a calibration of fewer "
-        "than 2048 tokens up to 8 sequences, for a causal LM held in memory (none for a lazily loaded model or an "
-        "encoder). 0: off.",
+        "model's own distribution, and the cut holds better on text unlike the calibration (with more than one "
+        "real sequence, sometimes at a cost in the calibration's own domain). None (default): top a calibration "
+        "of fewer than 1024 tokens up to 8 sequences, for a causal LM held in memory (none for a lazily loaded "
+        "model or an encoder). 0: off.",
     )
     seq_len: int = _help("Tokens per calibration sequence.", 512)
     batch_size: int = _help("Sequences per forward pass during calibration (results do not depend on it).", 8)
