@@ -208,6 +208,8 @@ def _add_synthetic(model: nn.Module, input_ids: torch.Tensor, config: PruneConfi
     record: dict = {"synthetic_samples": count, "notes": [note] if note else []}
     if not count:
         return input_ids, record
+    logger.info(f"the model writes {count} calibration sequences to go with the {len(input_ids)} given "
+                "(synthetic_samples; see hf_subprune/synthetic.py)")
     start = time.perf_counter()
     pad = model.generation_config.pad_token_id
     if pad is None:
@@ -218,7 +220,6 @@ def _add_synthetic(model: nn.Module, input_ids: torch.Tensor, config: PruneConfi
                            "seconds": round(time.perf_counter() - start, 3)}
     record["notes"].append(f"{count} synthetic calibration sequences: the dense model continued {PROMPT_TOKENS}-token "
                            f"prompts from the {len(input_ids)} given ones (nucleus {TOP_P}), to go with them")
-    logger.info(record["notes"][-1])
     return torch.cat([input_ids, generated]), record
 
 

@@ -6,13 +6,14 @@ its own distribution at no data cost: short prompts taken from the real samples 
 calibration's domain, and nucleus sampling at temperature 1 lets them wander the way the model's text does. The
 dense model writes them before anything is cut, so they describe the function being preserved.
 
-Measured on SmolLM2-135M at 20% calibrated on WikiText-2 (benchmarks/results/data_efficiency_smollm2.md): with one
+Measured on SmolLM2-135M calibrated on WikiText-2 (benchmarks/results/data_efficiency_smollm2.md): at 20% with one
 sequence of 512 tokens, 7 written by the model lowered perplexity on every text and seed (0-2), WikiText-2 test
-40.3 -> 37.4, pydoc 28.2 -> 23.8, Python source 24.2 -> 18.6, SST-2 139.6 -> 106.0 (geometric means). With two real
-sequences (seed 0) it depended on the draw: 7 more won on every text (36.2 -> 35.1, 26.0 -> 25.1, 18.8 -> 18.6,
-121.2 -> 97.6), 6 more lost 3% on WikiText-2 and 1% on Python source; with four, 7 more were 7-11% better on the
-other texts and 2.7% worse on WikiText-2. Hence the default: top a calibration of fewer than ``AUTO_BELOW_TOKENS``
-tokens (one sequence of 512) up to ``AUTO_TARGET`` sequences; ``synthetic_samples=N`` asks for N at any size.
+40.3 -> 37.4, pydoc 28.2 -> 23.8, Python source 24.2 -> 18.6, SST-2 139.6 -> 106.0 (geometric means); at 50% (seed
+0) WikiText-2 rose 4.5% and the other texts fell 1.6-2x. With two real sequences (20%, seed 0) it depended on the
+draw: 7 more won on every text (36.2 -> 35.1, 26.0 -> 25.1, 18.8 -> 18.6, 121.2 -> 97.6), 6 more lost 3% on
+WikiText-2 and 1% on Python source; with four, 7 more were 7-11% better on the other texts and 2.7% worse on
+WikiText-2. Hence the default: top a calibration of fewer than ``AUTO_BELOW_TOKENS`` tokens (one sequence of 512)
+up to ``AUTO_TARGET`` sequences; ``synthetic_samples=N`` asks for N at any size.
 """
 
 from __future__ import annotations
