@@ -164,18 +164,13 @@ def _cell(record: dict, name: str) -> str:
     return f"{record['quality'][name]['perplexity']:.3f}"
 
 
-def _reference(record: dict) -> str:
-    """The dense row fine-tuned the way ``record`` was (LoRA or full): the goal's reference."""
-    full = (ROWS.get(record["label"], (None, None, False))[1] in ("full", "gradual")
-            or record["label"] == DENSE_FT_FULL)
-    return DENSE_FT_FULL if full else DENSE_FT
-
-
 def _ratio(record: dict, records: list[dict]) -> str:
-    """WikiText-2 perplexity over that of the dense model fine-tuned the same way ("-" for the dense rows)."""
+    """WikiText-2 perplexity over that of the dense model fine-tuned the same way, LoRA or full ("-" for the dense
+    rows): the goal's reference."""
     if record["sparsity"] == 0:
         return "-"
-    reference = next((r for r in records if r["label"] == _reference(record)), None)
+    full = ROWS.get(record["label"], (None, None, False))[1] in ("full", "gradual")
+    reference = next((r for r in records if r["label"] == (DENSE_FT_FULL if full else DENSE_FT)), None)
     if reference is None:
         return "?"
     name = METRICS[0][0]

@@ -27,7 +27,7 @@ from .pipeline.lazy import lazy_blocks
 from .pipeline.runner import SiteReport, prune_blocks
 from .pipeline.surgery import update_config
 from .pipeline.widths import Widths, site_costs
-from .synthetic import PROMPT_TOKENS, TOP_P, can_generate, self_generated, synthetic_count
+from .synthetic import PROMPT_TOKENS, TOP_P, self_generated, synthetic_count
 
 __all__ = ["prune", "PruneResult", "count_parameters", "Evaluator"]
 
@@ -199,28 +199,24 @@ def _evaluation(before: dict, after: dict) -> dict:
 
 
 def _add_synthetic(model: nn.Module, input_ids: torch.Tensor, config: PruneConfig,
-                   causal_lm: bool) -> tuple[torch.Tensor, dict]:
-    """The calibration with the sequences the model writes itself appended (``synthetic.py``), and what the report
-    says about them. Every process generates the same ones (same seed, same batches) before the samples are
-    shared out, so the result does not depend on the process count."""
+                   causal_lm: bool) -> tuple[torch.Tensor, dict, list[str]]:
+    """The calibration with the sequences the model writes itself appended (``synthetic.py``), what the report
+    says about them, and the notes for the result. Every process generates the same ones (same seed, same
+    batches) before the samples are shared out, so the result does not depend on the process count."""
     count, note = synthetic_count(config.synthetic_samples, len(input_ids), seq_len=int(input_ids.shape[1]),
-                                  generative=causal_lm and can_generate(model), lazy=lazy_blocks(model) is not None)
-    record: dict = {"synthetic_samples": count, "notes": [note] if note else []}
+                                  generative=causal_lm and model.can_generate(), lazy=lazy_blocks(model) is not None)
     if not count:
-        return input_ids, record
+        return input_ids, {"synthetic_samples": 0}, [note] if note else []
     logger.info(f"the model writes {count} calibration sequences to go with the {len(input_ids)} given "
                 "(synthetic_samples; see hf_subprune/synthetic.py)")
     start = time.perf_counter()
-    pad = model.generation_config.pad_token_id
-    if pad is None:
-        eos = model.generation_config.eos_token_id
-        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
-    generated = self_generated(model, input_ids, count, seed=config.seed, pad_token_id=pad)
-    record["synthetic"] = {"prompt_tokens": PROMPT_TOKENS, "top_p": TOP_P, "temperature": 1.0,
-                           "seconds": round(time.perf_counter() - start, 3)}
-    record["notes"].append(f"{count} synthetic calibration sequences: the dense model continued {PROMPT_TOKENS}-token "
-                           f"prompts from the {len(input_ids)} given ones (nucleus {TOP_P}), to go with them")
-    return torch.cat([input_ids, generated]), record
+    generated = self_generated(model, input_ids, count, seed=config.seed)
+    record = {"synthetic_samples": count, "synthetic": {"prompt_tokens": PROMPT_TOKENS, "top_p": TOP_P,
+                                                         "temperature": 1.0,
+                                                         "seconds": round(time.perf_counter() - start, 3)}}
+    note = (f"{count} synthetic calibration sequences: the dense model continued {PROMPT_TOKENS}-token prompts from "
+            f"the {len(input_ids)} given ones (nucleus {TOP_P}), to go with them")
+    return torch.cat([input_ids, generated]), record, [note]
 
 
 def _one_width_per_site_type(adapter, model: nn.Module, blocks: nn.ModuleList):
@@ -317,9 +313,9 @@ def prune(
         input_ids = token_blocks(texts, tokenizer, config.num_samples, config.seq_len,
                                  seed=config.seed, special_tokens=not adapter.causal_lm)
     real_samples = len(input_ids)
-    input_ids, synthetic = _add_synthetic(model, input_ids, config, adapter.causal_lm)
+    input_ids, synthetic, synthetic_notes = _add_synthetic(model, input_ids, config, adapter.causal_lm)
     config, budget_notes = resolve_budget(config, int(input_ids.numel()))
-    budget_notes[:0] = synthetic.pop("notes")
+    budget_notes[:0] = synthetic_notes
     if len(input_ids) < world:
         raise ValueError(f"{len(input_ids)} calibration samples cannot be shared by {world} processes: "
                          "give at least one sample per process (num_samples)")

@@ -6,14 +6,11 @@ its own distribution at no data cost: short prompts taken from the real samples 
 calibration's domain, and nucleus sampling at temperature 1 lets them wander the way the model's text does. The
 dense model writes them before anything is cut, so they describe the function being preserved.
 
-Measured on SmolLM2-135M calibrated on WikiText-2 (benchmarks/results/data_efficiency_smollm2.md): at 20% with one
-sequence of 512 tokens, 7 written by the model lowered perplexity on every text and seed (0-2), WikiText-2 test
-40.3 -> 37.4, pydoc 28.2 -> 23.8, Python source 24.2 -> 18.6, SST-2 139.6 -> 106.0 (geometric means); at 50% (seed
-0) WikiText-2 rose 4.5% and the other texts fell 1.6-2x. With two real sequences (20%, seed 0) it depended on the
-draw: 7 more won on every text (36.2 -> 35.1, 26.0 -> 25.1, 18.8 -> 18.6, 121.2 -> 97.6), 6 more lost 3% on
-WikiText-2 and 1% on Python source; with four, 7 more were 7-11% better on the other texts and 2.7% worse on
-WikiText-2. Hence the default: top a calibration of fewer than ``AUTO_BELOW_TOKENS`` tokens (one sequence of 512)
-up to ``AUTO_TARGET`` sequences; ``synthetic_samples=N`` asks for N at any size.
+It is a trade measured on SmolLM2 (README, "Calibration the model writes itself"; results in
+benchmarks/results/data_efficiency_smollm2.md and ood_diagnosis.md): with one real sequence of 512 tokens the written
+ones helped on every text at 20%; with two it depended on the draw; from four on they cost a little in the
+calibration's own domain for more out of it. Hence the default: top a calibration of fewer than
+``AUTO_BELOW_TOKENS`` tokens up to ``AUTO_TARGET`` sequences; ``synthetic_samples=N`` asks for N at any size.
 """
 
 from __future__ import annotations
@@ -23,8 +20,8 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["PROMPT_TOKENS", "TOP_P", "AUTO_TARGET", "AUTO_BELOW_TOKENS", "SyntheticError", "can_generate",
-           "synthetic_count", "self_generated"]
+__all__ = ["PROMPT_TOKENS", "TOP_P", "AUTO_TARGET", "AUTO_BELOW_TOKENS", "SyntheticError", "synthetic_count",
+           "self_generated"]
 
 PROMPT_TOKENS = 8  # tokens of real text each synthetic sequence starts from
 TOP_P = 0.95  # nucleus sampling, temperature 1
@@ -35,11 +32,6 @@ GENERATION_BATCH = 8  # sequences generated at once: fixed, so the tokens do not
 
 class SyntheticError(ValueError):
     """Synthetic calibration was asked for where it cannot be made."""
-
-
-def can_generate(model: nn.Module) -> bool:
-    """A causal LM with ``generate``: encoders and classifiers cannot write text."""
-    return callable(getattr(model, "generate", None)) and getattr(model, "can_generate", lambda: False)()
 
 
 def synthetic_count(asked: int | None, real: int, *, seq_len: int, generative: bool,
@@ -82,12 +74,15 @@ def _prompts(real: torch.Tensor, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def self_generated(model: nn.Module, real: torch.Tensor, count: int, *, seed: int,
-                   pad_token_id: int | None = None) -> torch.Tensor:
+def self_generated(model: nn.Module, real: torch.Tensor, count: int, *, seed: int) -> torch.Tensor:
     """``count`` sequences as long as the real rows, each a real prompt continued by the model (sampled, seeded
     per batch of ``GENERATION_BATCH``), on the device the model is on. The prompts are all the same length, so no
     padding is needed; end-of-sequence tokens are not allowed to stop a sequence early."""
     device = next(model.parameters()).device
+    pad_token_id = model.generation_config.pad_token_id  # never used (no padding); set to keep generate quiet
+    if pad_token_id is None:
+        eos = model.generation_config.eos_token_id
+        pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
     prompts = _prompts(real.cpu(), count)
     new_tokens = real.shape[1] - PROMPT_TOKENS
     was_training = model.training
