@@ -314,7 +314,7 @@ def prune(
                                  seed=config.seed, special_tokens=not adapter.causal_lm)
     real_samples = len(input_ids)
     input_ids, synthetic, synthetic_notes = _add_synthetic(model, input_ids, config, adapter.causal_lm)
-    config, budget_notes = resolve_budget(config, int(input_ids.numel()))
+    config, budget_notes = resolve_budget(config, int(input_ids.numel()), adapter.causal_lm)
     budget_notes[:0] = synthetic_notes
     if len(input_ids) < world:
         raise ValueError(f"{len(input_ids)} calibration samples cannot be shared by {world} processes: "

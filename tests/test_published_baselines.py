@@ -386,7 +386,8 @@ def test_fluctuation_budget_takes_flaps_widths_and_greedy_picks_within(family):
     ids = calibration_ids(12, 16)
     flap = prune(tiny_model(family), input_ids=ids, sparsity=0.4, method="flap", progress=False)
     model = tiny_model(family)
-    ours = prune(model, input_ids=ids, sparsity=0.4, progress=False)  # the default budget
+    asked = {} if family == "llama" else {"budget": "fluctuation"}  # the default for decoders; encoders ask
+    ours = prune(model, input_ids=ids, sparsity=0.4, progress=False, **asked)
     assert [(w.mlp, w.heads, w.kv_heads) for w in ours.widths] == [(w.mlp, w.heads, w.kv_heads) for w in flap.widths]
     assert ours.config.method == "greedy" and ours.config.refit and ours.config.budget == "fluctuation"
     assert ours.config.attention_mode == "kv_group"  # FLAP's attention units, whatever was asked
@@ -404,3 +405,15 @@ def test_default_budget_needs_enough_calibration_tokens():
     assert enough.config.budget == "fluctuation" and few.config.budget == "uniform"
     assert any("too few for the fluctuation budget" in n for n in few.notes)
     assert PruneConfig(sparsity=0.3).budget is None and PruneConfig(sparsity=0.3, budget="global").budget == "global"
+
+
+def test_encoders_default_to_uniform_widths():
+    """FLAP's allocation is the decoders' default; an encoder keeps the same widths in every block unless it asks,
+    and the report says why."""
+    ids = calibration_ids(12, 16)
+    default = prune(tiny_model("bert"), input_ids=ids, sparsity=0.4, progress=False)
+    assert default.config.budget == "uniform" and default.uniform
+    assert len({(w.mlp, w.heads) for w in default.widths}) == 1
+    assert any("default for encoders" in n for n in default.notes)
+    asked = prune(tiny_model("bert"), input_ids=ids, sparsity=0.4, budget="fluctuation", progress=False)
+    assert asked.config.budget == "fluctuation" and not any("default for encoders" in n for n in asked.notes)
