@@ -64,7 +64,7 @@ METHODS: dict[str, dict] = {
     "random": {"method": "random"},
 }
 # Run unless --methods says otherwise. The two synthetic variants differ from the default only at some n (the default
-# tops up calibrations of fewer than 1024 tokens: n = 1 here): ask for them where wanted.
+# tops up calibrations of fewer than 2048 tokens: n = 1 and 2 here): ask for them where wanted.
 DEFAULT_RUN = [name for name in METHODS if "synthetic" not in name]
 
 # Python source for the code domain: standard-library modules of the running interpreter, in this order.
@@ -105,8 +105,8 @@ def table(records: list[dict]) -> str:
     lines = ["# Data efficiency: SmolLM2-135M perplexity against calibration sequences", "",
              "Each cell: perplexity, the geometric mean over seeds (calibration windows) with [min, max] when more "
              "than one seed ran. Sparsity: fraction of the prunable (MLP + attention) parameters removed. "
-             "The default tops a calibration of fewer than 1024 tokens (n = 1) up to 8 sequences with text the dense "
-             "model writes itself from prompts of the real ones (hf_subprune/synthetic.py); \"default, no synthetic\" "
+             "The default tops a calibration of fewer than 2048 tokens (n = 1, 2) up to 8 sequences with text the "
+             "dense model writes itself from prompts of the real ones (hf_subprune/synthetic.py); \"default, no synthetic\" "
              "is the default without them, \"default + 7 synthetic\" with 7 of them at any n.", ""]
     dense = {(r["calibration"], t): q for r in records if r["method"] == "dense" for t, q in r["quality"].items()}
     groups = sorted({(r["calibration"], r["sparsity"]) for r in records if r["method"] != "dense"})

@@ -188,22 +188,24 @@ def _table(records: list[dict], args) -> str:
              f"Pruning: default settings (greedy + refit, asymmetric; per-layer fluctuation budget) from "
              f"{args.num_samples} x {args.seq_len} tokens of WikiText-2 valid (seed 0). Every fine-tune: "
              f"{args.steps} steps of {args.batch_size} sequences of {args.seq_len} tokens, learning rate "
-             f"{args.lr or 'recover() default (2e-4 LoRA, 2e-5 full)'}, LoRA r = {args.lora_r} on every linear "
-             "layer (merged), linear decay, seed 0. Distillation: KL from the dense model, temperature 1 (alone, its "
-             "x dense-FT reference is the dense model, which distilling from itself leaves in place).",
+             f"{args.lr or 'recover() default at the time of the run'} (the lr column), LoRA r = {args.lora_r} "
+             "on every linear layer (merged), linear decay, seed 0. Distillation: KL from the dense model, "
+             "temperature 1 (alone, its x dense-FT reference is the dense model, which distilling from itself leaves "
+             "in place).",
              f"Perplexity: WikiText-2 test, first {tokens} tokens; held-out built-in text, {heldout} tokens; "
              f"non-overlapping windows of {args.eval_window}.",
              "Gradual: SubpruneCallback in one Trainer run (full fine-tune, uniform widths, cuts "
              "at the steps shown in the jsonl), same steps and data as the other rows.", "",
              "| row | sparsity | parameters | " + " | ".join(title for _, title in METRICS)
-             + " | x dense-FT | steps | tokens | train s | peak RSS GiB |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- | --- | --- | --- | --- |"]
+             + " | x dense-FT | lr | steps | tokens | train s | peak RSS GiB |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- | --- | --- | --- | --- | --- |"]
     order = [DENSE, DENSE_FT, DENSE_FT_FULL, *ROWS]
     for record in sorted(records, key=lambda r: (r["sparsity"], order.index(r["label"]) if r["label"] in order
                                                  else len(order))):
         train = record.get("recovery") or {}
         cells = [record["label"], f"{record['sparsity']:.0%}", f"{record['params']:,}",
                  *(_cell(record, name) for name, _ in METRICS), _ratio(record, records),
+                 f"{train['learning_rate']:g}" if train.get("learning_rate") else "-",
                  str(train.get("steps", "-")), f"{train['tokens']:,}" if train else "-",
                  f"{train['seconds']:.0f}" if train else "-", f"{train['peak_rss_gib']:.2f}" if train else "-"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -48,7 +48,8 @@ def _recovery_flags(parser, *, within_prune: bool) -> None:
     parser.add_argument("--lora-alpha", type=positive_int, default=None, help=f"{when}LoRA alpha (default: 16)")
     parser.add_argument("--full", action="store_true", help=f"{when}fine-tune every weight instead of LoRA adapters")
     parser.add_argument("--lr", type=float, default=None,
-                        help=f"{when}learning rate (default: 2e-4 with LoRA, 2e-5 with --full)")
+                        help=f"{when}learning rate (default: 2e-4 with LoRA, 2e-5 with --full; 5x those with "
+                             "--distill alone)")
     parser.add_argument("--distill", action="store_true",
                         help=f"{when}train on the KL divergence from the teacher's output distribution (no labels "
                              "needed) instead of the model's own loss")

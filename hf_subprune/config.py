@@ -151,7 +151,7 @@ class PruneConfig:
         "sampling), added to the calibration: with a few samples the statistics then also see text from the "
         "model's own distribution, and the cut holds better on text unlike the calibration (with more than one "
         "real sequence, sometimes at a cost in the calibration's own domain). None (default): top a calibration "
-        "of fewer than 1024 tokens up to 8 sequences, for a causal LM held in memory (none for a lazily loaded "
+        "of fewer than 2048 tokens up to 8 sequences, for a causal LM held in memory (none for a lazily loaded "
         "model or an encoder). 0: off.",
     )
     seq_len: int = _help("Tokens per calibration sequence.", 512)

@@ -165,6 +165,16 @@ def test_distillation_from_the_base_model_lowers_its_loss(pruned_dirs, base_dir)
     assert 0 < recovery["loss"]["last"] < recovery["loss"]["first"]
 
 
+def test_default_learning_rates():
+    """LoRA 2e-4, full 2e-5; distillation alone five times those (its gradients are smaller); a mix keeps the
+    language-model loss's; a rate given is used as given."""
+    assert RecoveryConfig().learning_rate == 2e-4 and RecoveryConfig(full=True).learning_rate == 2e-5
+    assert RecoveryConfig(distill=True).learning_rate == pytest.approx(1e-3)
+    assert RecoveryConfig(full=True, distill=True).learning_rate == pytest.approx(1e-4)
+    assert RecoveryConfig(full=True, distill=True, distill_weight=0.5).learning_rate == 2e-5
+    assert RecoveryConfig(full=True, distill=True, lr=3e-5).learning_rate == 3e-5
+
+
 def test_recovery_section_in_report_and_card(pruned_dirs, tmp_path):
     """Quality before and after with the prune report's own protocol; the card shows it and regenerates."""
     pruned = pruned_dirs["stock"]

@@ -1,0 +1,93 @@
+"""Distillation recovery against its learning rate and steps: SmolLM2-135M pruned by the default at 20% from
+32 x 512 WikiText-2 valid tokens (seed 0), then a full fine-tune on the KL from the dense model over those same
+calibration sequences (batches of 4), as ``bench_recovery.py`` runs its "full, calibration, distillation" row.
+The reference is the dense model itself (distilled from itself it stays where it is).
+
+    python benchmarks/bench_distill_lr.py --runs 2e-5:16,1e-4:16,5e-4:16,2e-4:48
+
+Each finished run is appended to benchmarks/results/recovery_distill_lr.jsonl (rerunning skips those there) and the
+table rewritten to recovery_distill_lr.md. --data points at the shared data folder (default ../shared/data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from bench_recovery import RESULTS, Task  # noqa: E402
+from data import add_data_arguments, require  # noqa: E402
+from hf_subprune import prune  # noqa: E402
+
+STEM = "recovery_distill_lr"
+
+
+def table(records: list[dict], dense: dict) -> str:
+    lines = ["# SmolLM2-135M at 20%: full distillation recovery against learning rate and steps", "",
+             "Pruned by the default from 32 x 512 WikiText-2 valid tokens (seed 0), then a full fine-tune on the KL "
+             "from the dense model over the same 32 sequences, batches of 4, linear decay, seed 0. Perplexity on the "
+             f"first {dense['tokens']} tokens of WikiText-2 test and of the held-out built-in text, windows of 512. "
+             "x dense: against the dense model (distilling it from itself leaves it in place).", "",
+             f"Dense: {dense['wikitext']:.2f} / {dense['heldout']:.2f}; pruned, no recovery: "
+             f"{dense['pruned_wikitext']:.2f} / {dense['pruned_heldout']:.2f}.", "",
+             "| lr | steps | WikiText-2 test | x dense | held-out built-in | KL first -> last | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(records, key=lambda r: (r["steps"], r["lr"])):
+        lines.append(f"| {r['lr']:g} | {r['steps']} | {r['wikitext']:.2f} | {r['wikitext'] / dense['wikitext']:.3f}x"
+                     f" | {r['heldout']:.2f} | {r['loss']['first']:.3f} -> {r['loss']['last']:.3f} | "
+                     f"{r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="2e-5:16,1e-4:16,5e-4:16", help="lr:steps pairs, comma-separated")
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--threads", type=int, default=None)
+    add_data_arguments(parser)
+    args = parser.parse_args()
+    require(args.data, args.hub, wikitext=("valid", "test"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    jsonl = RESULTS / f"{STEM}.jsonl"
+    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line] if jsonl.exists() else []
+    runs = [(float(lr), int(steps)) for lr, steps in (item.split(":") for item in args.runs.split(","))]
+    todo = [(lr, steps) for lr, steps in runs if not any(r["lr"] == lr and r["steps"] == steps for r in records)]
+    settings = argparse.Namespace(data=args.data, hub=args.hub, device="cpu", num_samples=32, seq_len=512,
+                                  eval_window=512, eval_tokens=args.eval_tokens, steps=16, batch_size=4, lora_r=8,
+                                  quiet=True, lr=None)
+    task = Task(settings)
+    dense_q = task.quality(task.model)
+    pruned = copy.deepcopy(task.model)
+    prune(pruned, input_ids=task.calibration, progress=False, sparsity=0.2, num_samples=32, seq_len=512)
+    pruned_q = task.quality(pruned)
+    dense = {"wikitext": dense_q["wikitext2_test"]["perplexity"], "heldout": dense_q["heldout"]["perplexity"],
+             "tokens": dense_q["wikitext2_test"]["tokens"], "pruned_wikitext": pruned_q["wikitext2_test"]["perplexity"],
+             "pruned_heldout": pruned_q["heldout"]["perplexity"]}
+    for lr, steps in todo:
+        settings.lr, settings.steps = lr, steps
+        model, stats = task.train(copy.deepcopy(pruned), "calibration", "full", True)
+        q = task.quality(model)
+        row = {"lr": lr, "steps": steps, "wikitext": q["wikitext2_test"]["perplexity"],
+               "heldout": q["heldout"]["perplexity"], "loss": stats.get("loss"), "seconds": stats.get("seconds")}
+        records.append(row)
+        with jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        (RESULTS / f"{STEM}.md").write_text(table(records, dense))
+        print(json.dumps(row), flush=True)
+    text = table(records, dense)
+    (RESULTS / f"{STEM}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
