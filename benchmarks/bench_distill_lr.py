@@ -3,7 +3,7 @@
 calibration sequences (batches of 4), as ``bench_recovery.py`` runs its "full, calibration, distillation" row.
 The reference is the dense model itself (distilled from itself it stays where it is).
 
-    python benchmarks/bench_distill_lr.py --runs 2e-5:16,1e-4:16,5e-4:16,2e-4:48
+    python benchmarks/bench_distill_lr.py --runs 2e-5:16,1e-4:16,5e-4:16,2e-4:48,2e-4:64
 
 Each finished run is appended to benchmarks/results/recovery_distill_lr.jsonl (rerunning skips those there) and the
 table rewritten to recovery_distill_lr.md. --data points at the shared data folder (default ../shared/data).
