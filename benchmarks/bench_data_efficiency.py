@@ -106,8 +106,9 @@ def table(records: list[dict]) -> str:
              "Each cell: perplexity, the geometric mean over seeds (calibration windows) with [min, max] when more "
              "than one seed ran. Sparsity: fraction of the prunable (MLP + attention) parameters removed. "
              "The default tops a calibration of fewer than 2048 tokens (n = 1, 2) up to 8 sequences with text the "
-             "dense model writes itself from prompts of the real ones (hf_subprune/synthetic.py); \"default, no synthetic\" "
-             "is the default without them, \"default + 7 synthetic\" with 7 of them at any n.", ""]
+             "dense model writes itself from prompts of the real ones (hf_subprune/synthetic.py); "
+             "\"default, no synthetic\" is the default without them, \"default + 7 synthetic\" with 7 of them at "
+             "any n.", ""]
     dense = {(r["calibration"], t): q for r in records if r["method"] == "dense" for t, q in r["quality"].items()}
     groups = sorted({(r["calibration"], r["sparsity"]) for r in records if r["method"] != "dense"})
     for cal, sparsity in groups:

@@ -31,20 +31,20 @@ from hf_subprune import prune  # noqa: E402
 STEM = "recovery_distill_lr"
 
 
-def table(records: list[dict], dense: dict) -> str:
+def table(records: list[dict], reference: dict) -> str:
     lines = ["# SmolLM2-135M at 20%: full distillation recovery against learning rate and steps", "",
              "Pruned by the default from 32 x 512 WikiText-2 valid tokens (seed 0), then a full fine-tune on the KL "
              "from the dense model over the same 32 sequences, batches of 4, linear decay, seed 0. Perplexity on the "
-             f"first {dense['tokens']} tokens of WikiText-2 test and of the held-out built-in text, windows of 512. "
-             "x dense: against the dense model (distilling it from itself leaves it in place).", "",
-             f"Dense: {dense['wikitext']:.2f} / {dense['heldout']:.2f}; pruned, no recovery: "
-             f"{dense['pruned_wikitext']:.2f} / {dense['pruned_heldout']:.2f}.", "",
+             f"first {reference['tokens']} tokens of WikiText-2 test and of the held-out built-in text, windows of "
+             "512. x dense: against the dense model (distilling it from itself leaves it in place).", "",
+             f"Dense: {reference['wikitext']:.2f} / {reference['heldout']:.2f}; pruned, no recovery: "
+             f"{reference['pruned_wikitext']:.2f} / {reference['pruned_heldout']:.2f}.", "",
              "| lr | steps | WikiText-2 test | x dense | held-out built-in | KL first -> last | train s |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(records, key=lambda r: (r["steps"], r["lr"])):
-        lines.append(f"| {r['lr']:g} | {r['steps']} | {r['wikitext']:.2f} | {r['wikitext'] / dense['wikitext']:.3f}x"
-                     f" | {r['heldout']:.2f} | {r['loss']['first']:.3f} -> {r['loss']['last']:.3f} | "
-                     f"{r['seconds']:.0f} |")
+        ratio = r["wikitext"] / reference["wikitext"]
+        lines.append(f"| {r['lr']:g} | {r['steps']} | {r['wikitext']:.2f} | {ratio:.3f}x | {r['heldout']:.2f} | "
+                     f"{r['loss']['first']:.3f} -> {r['loss']['last']:.3f} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -70,9 +70,10 @@ def main() -> None:
     pruned = copy.deepcopy(task.model)
     prune(pruned, input_ids=task.calibration, progress=False, sparsity=0.2, num_samples=32, seq_len=512)
     pruned_q = task.quality(pruned)
-    dense = {"wikitext": dense_q["wikitext2_test"]["perplexity"], "heldout": dense_q["heldout"]["perplexity"],
-             "tokens": dense_q["wikitext2_test"]["tokens"], "pruned_wikitext": pruned_q["wikitext2_test"]["perplexity"],
-             "pruned_heldout": pruned_q["heldout"]["perplexity"]}
+    reference = {"wikitext": dense_q["wikitext2_test"]["perplexity"], "heldout": dense_q["heldout"]["perplexity"],
+                 "tokens": dense_q["wikitext2_test"]["tokens"],
+                 "pruned_wikitext": pruned_q["wikitext2_test"]["perplexity"],
+                 "pruned_heldout": pruned_q["heldout"]["perplexity"]}
     for lr, steps in todo:
         settings.lr, settings.steps = lr, steps
         model, stats = task.train(copy.deepcopy(pruned), "calibration", "full", True)
@@ -82,9 +83,9 @@ def main() -> None:
         records.append(row)
         with jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        (RESULTS / f"{STEM}.md").write_text(table(records, dense))
+        (RESULTS / f"{STEM}.md").write_text(table(records, reference))
         print(json.dumps(row), flush=True)
-    text = table(records, dense)
+    text = table(records, reference)
     (RESULTS / f"{STEM}.md").write_text(text)
     print(text)
 

@@ -41,13 +41,13 @@ def synthetic_count(asked: int | None, real: int, *, seq_len: int, generative: b
     want to know. ``asked`` None: top up to ``AUTO_TARGET`` sequences when the real ones hold fewer than
     ``AUTO_BELOW_TOKENS`` tokens and the model can write them in memory."""
     if asked is not None:
-        if asked > 0 and seq_len <= PROMPT_TOKENS:
+        if asked and seq_len <= PROMPT_TOKENS:
             raise SyntheticError(f"synthetic_samples={asked}: the model continues prompts of {PROMPT_TOKENS} tokens, "
                                  f"so seq_len must be longer than that (it is {seq_len}); or set synthetic_samples=0")
-        if asked > 0 and not generative:
+        if asked and not generative:
             raise SyntheticError(f"synthetic_samples={asked}: this model cannot generate text (it is not a causal "
                                  "language model); set synthetic_samples=0")
-        if asked > 0 and lazy:
+        if asked and lazy:
             raise SyntheticError(f"synthetic_samples={asked} needs the whole model in memory: a lazily loaded model "
                                  "reads every block from disk for every generated token. Load it whole (lazy=False, "
                                  "CLI --no-lazy) or set synthetic_samples=0")

@@ -85,9 +85,7 @@ class RecoveryConfig:
     @property
     def learning_rate(self) -> float:
         """The rate given, else 2e-4 with LoRA and 2e-5 for a full fine-tune, five times those for distillation
-        alone: its KL gradients are smaller than a language-model loss's (SmolLM2 at 20%, 16 steps of 4 x 512
-        calibration tokens, full: WikiText-2 31.31 at 2e-5, 29.71 at 1e-4, 29.13 at 5e-4; the held-out text best
-        at 1e-4)."""
+        alone: its KL gradients are smaller than a language-model loss's (the sweep: benchmarks/bench_distill_lr.py)."""
         if self.lr is not None:
             return self.lr
         base = 2e-5 if self.full else 2e-4

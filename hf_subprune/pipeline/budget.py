@@ -38,11 +38,9 @@ def resolve_budget(config: PruneConfig, tokens: int, causal_lm: bool = True) -> 
     """The config with its budget decided, and a note when the default chose uniform widths: fluctuation for
     causal LMs from ``MIN_ALLOCATION_TOKENS`` calibration tokens on; uniform below, and for encoders.
 
-    Encoders: FLAP's allocation was made and measured for decoders' perplexity. On the MiniLM SST-2 classifier
-    it cut the last blocks' MLPs by half and the first block's heads to three, and lost 2.2 points of accuracy at
-    30% from 16 sentences (84.3 against 86.5 with uniform widths, three seeds), 1.2 at 50%; uniform widths were
-    better from 16 to 128 sentences and within the seed spread at 8 (``benchmarks/results/minilm_exp.md``), and
-    the embeddings' cosine to the dense ones was 0.866 against 0.830 (30%, 128 x 128 tokens)."""
+    Encoders: FLAP's allocation was made and measured for decoders' perplexity; on the MiniLM SST-2 classifier
+    it halved the last blocks' MLPs and cost accuracy and embedding similarity that uniform widths kept
+    (``benchmarks/results/minilm_exp.md``)."""
     if config.budget is not None:
         return config, []
     if not causal_lm:
