@@ -11,15 +11,14 @@ El Halabi, Srinivas and Lacoste-Julien 2022).
    a cache made with other settings is an error (give another --classifier).
 2. The runs. For each sparsity, n and seed, n calibration sentences are drawn (seeded, nested in n for a seed)
    from a pool of SST-2 train sentences disjoint from the fine-tuning subset (the first 5,000 of a fixed seeded
-   permutation of the train split; the fine-tuning subset comes after them). ``prune`` has no attention mask, so
-   the sentences cannot be padded samples: they are concatenated, separated by [SEP], into one token stream that
-   is cut into windows of at most --seq-len tokens (default 64), each wrapped in [CLS] ... [SEP] as
-   ``token_blocks`` does for encoders. Every token is used: the windows hold seq_len - 2 tokens of the stream, the
-   last window ends at the stream's end (it may overlap the one before), and when the whole stream is shorter
-   than one window (n = 4: 17 to 48 tokens with seeds 0-2), it is a single window of its own length.
-   num_samples = the number of windows (1 at n = 4, about 52 at n = 256). Each method prunes a copy of the
-   classifier (``prune(model, input_ids=..., config=PruneConfig(sparsity, num_samples, seq_len, seed,
-   **method))``; the classification head is never cut), then accuracy (argmax of the logits) on the 872
+   permutation of the train split; the fine-tuning subset comes after them). They are calibrated on as encoders
+   calibrate from text (``calibration.text_samples``): one sentence per sample, [CLS] sentence [SEP], padded on
+   the right with an attention mask (padding enters no statistic); --seq-len (default 128) holds every SST-2
+   sentence whole, so every token is used. Every method gets these same samples (num_samples = n). Results
+   of the earlier calibration (the sentences packed into [CLS] ... [SEP] windows of 64 tokens, one window at
+   n = 4) are in minilm_classifier_packed.{md,jsonl}. Each method prunes a copy of the
+   classifier (``prune(model, input_ids=..., attention_mask=..., config=PruneConfig(sparsity, num_samples,
+   seq_len, seed, **method))``; the classification head is never cut), then accuracy (argmax of the logits) on the 872
    validation sentences is measured as is, and again after a short full fine-tune on the same n sentences with
    their labels (--ft-epochs epochs over them in batches of min(n, --ft-batch-size), AdamW at a constant
    --ft-lr, dropout on, seeded by the seed; default 10 epochs at lr 1e-5, about a minute a run at n = 256).
@@ -66,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, a sibling
 import torch  # noqa: E402
 
 from hf_subprune import PruneConfig, count_parameters, prune  # noqa: E402
+from hf_subprune.calibration import text_samples  # noqa: E402
 from hf_subprune.loading import bundled_minilm  # noqa: E402
 
 from data import add_data_arguments, require, sst2_rows  # noqa: E402
@@ -76,6 +76,8 @@ PLOT_STEM = "data_efficiency_minilm"
 CLASSIFIER = ROOT / "benchmarks" / ".cache" / "minilm-sst2"
 HUB_DATA = "glue/sst2 from the Hugging Face Hub (--hub)"
 DENSE_FT = "dense + same fine-tune"
+CALIBRATION = "one sentence per sample, [CLS] sentence [SEP] padded on the right (text_samples)"
+PACKED = "the n sentences joined by [SEP] in [CLS] ... [SEP] windows"  # results files from before that
 
 # The methods compared, as PruneConfig settings ("default" = PruneConfig's defaults: the greedy method). The
 # published baselines fix their own settings whatever the config asks (hf_subprune.maths.methods).
@@ -116,23 +118,13 @@ def draw(pool: list[int], n: int, seed: int) -> list[int]:
     return [pool[i] for i in order[:n]]
 
 
-def calibration_windows(sentences: list[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """The sentences joined by [SEP] into one stream, cut into windows of seq_len - 2 tokens wrapped in
-    [CLS] ... [SEP]; the last window ends at the stream's end; a stream shorter than a window is one window."""
-    stream: list[int] = []
-    for i, sentence in enumerate(sentences):
-        if i:
-            stream.append(tokenizer.sep_token_id)
-        stream.extend(tokenizer(sentence, add_special_tokens=False)["input_ids"])
-    body = min(seq_len - 2, len(stream))
-    if body < 1:
-        raise SystemExit("the calibration sentences hold no tokens")
-    count = math.ceil(len(stream) / body)
-    ids = torch.tensor(stream, dtype=torch.long)
-    windows = torch.stack([ids[min(i * body, len(stream) - body):][:body] for i in range(count)])
-    cls = torch.full((count, 1), tokenizer.cls_token_id, dtype=torch.long)
-    sep = torch.full((count, 1), tokenizer.sep_token_id, dtype=torch.long)
-    return torch.cat([cls, windows, sep], 1)
+def calibration_samples(sentences: list[str], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample per sentence, as ``prune`` calibrates an encoder from text; every sentence must fit whole."""
+    ids, mask = text_samples(sentences, tokenizer, len(sentences), seq_len)
+    real = sum(len(tokenizer(s, add_special_tokens=False)["input_ids"]) + 2 for s in sentences)
+    if int(mask.sum()) != real:
+        raise SystemExit(f"--seq-len {seq_len} cuts some calibration sentences: give a longer one")
+    return ids, mask
 
 
 # ------------------------------------------------------------------------------------ training and accuracy
@@ -298,8 +290,8 @@ def table(records: list[dict]) -> str:
         lines.append(f"Dense classifier: {100 * dense:.2f}%.")
     if setup:
         ft = setup["finetune"]
-        lines.append(f"Calibration: the n sentences joined by [SEP] in [CLS] ... [SEP] windows of at most "
-                     f"{setup['seq_len']} tokens. Fine-tune: {ft['epochs']} epochs over the n labelled sentences, "
+        lines.append(f"Calibration: {setup.get('calibration', PACKED)}, at most {setup['seq_len']} tokens. "
+                     f"Fine-tune: {ft['epochs']} epochs over the n labelled sentences, "
                      f"batches of min(n, {ft['batch_size']}), AdamW lr {ft['lr']:g}; \"{DENSE_FT}\" is the dense "
                      "classifier after that fine-tune.")
     lines.append("")
@@ -410,7 +402,7 @@ def main() -> None:
     parser.add_argument("--seeds-up-to", type=int, default=16)
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated names from METHODS, or name=JSON of PruneConfig settings")
-    parser.add_argument("--seq-len", type=int, default=64, help="the longest calibration window, in tokens")
+    parser.add_argument("--seq-len", type=int, default=128, help="the longest calibration sample, in tokens")
     parser.add_argument("--ft-epochs", type=int, default=10, help="epochs of the limited-data fine-tune")
     parser.add_argument("--ft-batch-size", type=int, default=16)
     parser.add_argument("--ft-lr", type=float, default=1e-5,
@@ -445,6 +437,7 @@ def main() -> None:
     pool, rest = split_train(len(train[0]))
     model, tokenizer, info = load_classifier(args, train, rest, val)
     setup = {"classifier": {"accuracy": info["accuracy"], **info["settings"]}, "seq_len": args.seq_len,
+             "calibration": CALIBRATION,
              "calibration_pool": CAL_POOL, "split_seed": SPLIT_SEED, "max_length": MAX_LENGTH,
              "finetune": {"epochs": args.ft_epochs, "batch_size": args.ft_batch_size, "lr": args.ft_lr,
                           "optimizer": "AdamW, constant lr, no weight decay"}}
@@ -477,9 +470,9 @@ def main() -> None:
         for seed in seeds:
             idx = draw(pool, n, seed)
             sentences, labels = [train[0][i] for i in idx], [train[1][i] for i in idx]
-            ids = calibration_windows(sentences, tokenizer, args.seq_len)
-            calibration = {"sentences": n, "windows": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
-                           "tokens": int(ids.numel()), "positive": sum(labels)}
+            ids, mask = calibration_samples(sentences, tokenizer, args.seq_len)
+            calibration = {"sentences": n, "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
+                           "tokens": int(mask.sum()), "positive": sum(labels)}
             if (DENSE_FT, 0.0, n, seed) not in done:
                 start = time.perf_counter()
                 tuned = copy.deepcopy(model)
@@ -497,7 +490,7 @@ def main() -> None:
                     pruned = copy.deepcopy(model)
                     cfg = PruneConfig(**{"sparsity": sparsity, "num_samples": int(ids.shape[0]),
                                          "seq_len": int(ids.shape[1]), "seed": seed, **settings})
-                    result = prune(pruned, input_ids=ids, config=cfg, progress=False)
+                    result = prune(pruned, input_ids=ids, attention_mask=mask, config=cfg, progress=False)
                     seconds_prune = time.perf_counter() - begin
                     start = time.perf_counter()
                     acc = accuracy(pruned, tokenizer, *val)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .adapters import auto_class_for, get_adapter
 from .checks import check_model, check_run
-from .calibration import fingerprint, load_texts, shard, token_blocks
+from .calibration import check_attention_mask, fingerprint, load_texts, shard, text_samples, token_blocks
 from .config import PruneConfig
 from .distributed import compute_device, process_state
 from .logs import get_logger
@@ -61,6 +61,7 @@ class PruneResult:
     license: str | None = None
     evaluation: dict = field(default_factory=dict)
     input_ids: torch.Tensor | None = field(default=None, repr=False)  # the calibration tokens: saved for recovery
+    attention_mask: torch.Tensor | None = field(default=None, repr=False)  # their padding (None: there is none)
 
     def report(self, *, export: str | None = None, reload_check: dict | None = None) -> dict:
         """Everything about the run, as JSON-ready data: what ``save`` writes as ``subprune_report.json`` (with
@@ -198,13 +199,14 @@ def _evaluation(before: dict, after: dict) -> dict:
     return out
 
 
-def _add_synthetic(model: nn.Module, input_ids: torch.Tensor, config: PruneConfig,
-                   causal_lm: bool) -> tuple[torch.Tensor, dict, list[str]]:
+def _add_synthetic(model: nn.Module, input_ids: torch.Tensor, config: PruneConfig, causal_lm: bool,
+                   padded: bool) -> tuple[torch.Tensor, dict, list[str]]:
     """The calibration with the sequences the model writes itself appended (``synthetic.py``), what the report
     says about them, and the notes for the result. Every process generates the same ones (same seed, same
     batches) before the samples are shared out, so the result does not depend on the process count."""
     count, note = synthetic_count(config.synthetic_samples, len(input_ids), seq_len=int(input_ids.shape[1]),
-                                  generative=causal_lm and model.can_generate(), lazy=lazy_blocks(model) is not None)
+                                  generative=causal_lm and model.can_generate(), lazy=lazy_blocks(model) is not None,
+                                  padded=padded)
     if not count:
         return input_ids, {"synthetic_samples": 0}, [note] if note else []
     logger.info(f"the model writes {count} calibration sequences to go with the {len(input_ids)} given "
@@ -243,6 +245,7 @@ def prune(
     config: PruneConfig | None = None,
     *,
     input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     progress: bool = True,
     base_model: str | None = None,
     license: str | None = None,
@@ -269,6 +272,9 @@ def prune(
             list of strings, a ``datasets`` dataset, or a Hub dataset name (see ``calibration.load_texts``).
         config: a ``PruneConfig``; keyword ``overrides`` build or update one (``prune(m, tok, sparsity=0.2)``).
         input_ids: ready token blocks (num_samples x seq_len) instead of ``calibration``.
+        attention_mask: with ``input_ids``, 1 for real tokens and 0 for padding (on the right): padding is masked
+            in attention and left out of every statistic. From text, encoders are calibrated this way, one text per
+            sample (``calibration.text_samples``); decoders on packed windows (``calibration.token_blocks``).
         base_model / license: what the report and the card say the model was pruned from.
         evaluate: measures the model before and after the cut (``Evaluator``); the report keeps both.
         text_column: the column holding text in a tabular or dataset source (default: the first of
@@ -301,7 +307,11 @@ def prune(
     check_model(model)
     _, blocks = find_blocks(model)
     costs = _one_width_per_site_type(adapter, model, blocks)
+    if attention_mask is not None and input_ids is None:
+        raise ValueError("attention_mask goes with input_ids: give both, or calibration text (encoders are then "
+                         "padded one text per sample by themselves)")
     check_run(model.config, config, input_ids=input_ids)  # a bad device or seq_len fails before calibrating
+    attention_mask = check_attention_mask(input_ids, attention_mask) if input_ids is not None else None
     rank, world = process_state(config.device)
     start = time.perf_counter()
     input_ids_given = input_ids is not None
@@ -310,11 +320,17 @@ def prune(
             raise ValueError("prune needs a tokenizer to turn the calibration text into tokens (or input_ids)")
         texts = load_texts(calibration, text_column=text_column, dataset_config=dataset_config, split=split,
                            streaming=streaming, max_texts=config.num_samples * 64 if streaming else None)
-        input_ids = token_blocks(texts, tokenizer, config.num_samples, config.seq_len,
-                                 seed=config.seed, special_tokens=not adapter.causal_lm)
+        if adapter.causal_lm:
+            input_ids = token_blocks(texts, tokenizer, config.num_samples, config.seq_len, seed=config.seed)
+        else:
+            input_ids, attention_mask = text_samples(texts, tokenizer, config.num_samples, config.seq_len,
+                                                     seed=config.seed)
+            attention_mask = check_attention_mask(input_ids, attention_mask)
     real_samples = len(input_ids)
-    input_ids, synthetic, synthetic_notes = _add_synthetic(model, input_ids, config, adapter.causal_lm)
-    config, budget_notes = resolve_budget(config, int(input_ids.numel()), adapter.causal_lm)
+    input_ids, synthetic, synthetic_notes = _add_synthetic(model, input_ids, config, adapter.causal_lm,
+                                                           padded=attention_mask is not None)
+    tokens = int(input_ids.numel() if attention_mask is None else attention_mask.sum())
+    config, budget_notes = resolve_budget(config, tokens, adapter.causal_lm)
     budget_notes[:0] = synthetic_notes
     if len(input_ids) < world:
         raise ValueError(f"{len(input_ids)} calibration samples cannot be shared by {world} processes: "
@@ -330,7 +346,9 @@ def prune(
     model.eval()
     try:
         inputs = capture_block_inputs(model, shard(input_ids, rank, world), config.batch_size, device,
-                                      torch.device(config.offload_device), progress=show)
+                                      torch.device(config.offload_device), progress=show,
+                                      attention_mask=None if attention_mask is None
+                                      else shard(attention_mask, rank, world))
         if method.scope == "global":  # the method decides every width itself, in its own pass
             widths, reports = MODEL_PASSES[method.name](model, adapter, inputs, config, device, show)
         else:
@@ -348,11 +366,13 @@ def prune(
         model=model, tokenizer=tokenizer, config=config, widths=widths, widths_before=widths_before, sites=reports,
         params_before=params_before, params_after=count_parameters(model), seconds=seconds,
         calibration={"num_samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]),
-                     "tokens": int(input_ids.numel()), "fingerprint": fingerprint(input_ids),
+                     "tokens": tokens, "fingerprint": fingerprint(input_ids, attention_mask),
+                     **({"padded": "one text per sample, padded on the right"} if attention_mask is not None else {}),
                      "source": _describe_source(calibration, input_ids_given), "processes": world,
                      "real_samples": real_samples, **synthetic},
         base_model=base_model or getattr(model.config, "_name_or_path", None) or None,
         license=license,
         evaluation=_evaluation(before, _measure(evaluate, model)) if evaluate is not None else {},
         input_ids=input_ids.cpu(),
+        attention_mask=None if attention_mask is None else attention_mask.cpu(),
     )

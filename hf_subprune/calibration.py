@@ -1,4 +1,5 @@
-"""Calibration data: text from anywhere, to a tensor of fixed-length token blocks.
+"""Calibration data: text from anywhere, to a tensor of fixed-length token blocks (decoders) or of one text per
+sample with an attention mask (encoders).
 
 Pruning needs unlabeled text only. The default is text that ships with Python (the pydoc topic help), so
 that a run works offline with nothing downloaded. Files and hub datasets are read through ``datasets``, whose
@@ -15,7 +16,8 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["CalibrationError", "builtin_text", "load_texts", "load_labelled", "token_blocks", "fingerprint", "shard"]
+__all__ = ["CalibrationError", "builtin_text", "load_texts", "load_labelled", "token_blocks", "text_samples",
+           "check_attention_mask", "fingerprint", "shard"]
 
 TEXT_COLUMNS = ("text", "sentence", "content", "document", "question", "prompt")
 LABEL_COLUMNS = ("label", "labels", "class", "target")
@@ -312,8 +314,75 @@ def token_blocks(
     return blocks
 
 
-def fingerprint(blocks: torch.Tensor) -> str:
-    """A short hash of the exact calibration tokens, for the report (same hash = same data)."""
+def text_samples(
+    texts: Iterable[str], tokenizer, num_samples: int, seq_len: int, *, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_samples`` samples of one text each, as encoders are used: each [CLS] text [SEP], padded on the right
+    to the longest, with its attention mask ``(input_ids, attention_mask)``. A text longer than ``seq_len``
+    tokens gives consecutive windows of its own (each wrapped); the samples are drawn from all the pieces at
+    random (seeded) and kept in their original order.
+
+    Packing several texts into one window (``token_blocks``) suits decoders, which read every position; an
+    encoder's pooled output or [CLS] token sees one text, so a packed window under-represents it (one [CLS] for
+    a few sentences) and, with few samples, the refit fits positions the model never reads.
+    """
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise CalibrationError("the calibration set is empty: give a file or dataset with text in it")
+    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+        raise CalibrationError(f"{type(tokenizer).__name__} has no [CLS]/[SEP] tokens to wrap each text in")
+    body = seq_len - 2
+    if body < 1:
+        raise CalibrationError(f"seq_len={seq_len} is too short")
+    pieces: list[list[int]] = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        pieces.extend(ids[i : i + body] for i in range(0, len(ids), body))
+    pieces = [p for p in pieces if p]
+    if len(pieces) < num_samples:
+        raise CalibrationError(
+            f"the calibration texts give {len(pieces)} samples (one per text, longer texts cut into windows of "
+            f"{seq_len} tokens); {num_samples} were asked for. Give more text, or lower num_samples (--num-samples)."
+        )
+    gen = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(len(pieces), generator=gen)[:num_samples].sort().values.tolist()
+    rows = [[tokenizer.cls_token_id, *pieces[i], tokenizer.sep_token_id] for i in picked]
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask
+
+
+def check_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask as 0/1 integers, after checking it fits the samples: same shape, right padding (positions are
+    absolute, so a sample must start at 0), at least one real token per sample. ``None`` when all are real."""
+    if attention_mask is None:
+        return None
+    mask = torch.as_tensor(attention_mask)
+    if mask.shape != input_ids.shape:
+        raise CalibrationError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(input_ids.shape)}: "
+                               "give one mask entry per token")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise CalibrationError("attention_mask must hold 0 (padding) and 1 (real token) only")
+    mask = mask.long()
+    if not mask[:, 0].all():
+        raise CalibrationError("every calibration sample needs real tokens from its first position: pad on the "
+                               "right (tokenizer padding_side='right'), and drop empty samples")
+    if (mask[:, 1:] > mask[:, :-1]).any():
+        raise CalibrationError("attention_mask has padding before real tokens: pad on the right only "
+                               "(tokenizer padding_side='right')")
+    return None if mask.all() else mask
+
+
+def fingerprint(blocks: torch.Tensor, attention_mask: torch.Tensor | None = None) -> str:
+    """A short hash of the exact calibration tokens, for the report (same hash = same data). Padding is hashed as
+    -1, whatever its token id; without padding the hash is that of the tokens alone."""
+    if attention_mask is not None and not attention_mask.all():
+        blocks = blocks.long().masked_fill(attention_mask.to(blocks.device) == 0, -1)
     return hashlib.sha256(blocks.cpu().numpy().tobytes()).hexdigest()[:16]
 
 

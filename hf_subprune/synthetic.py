@@ -36,10 +36,17 @@ class SyntheticError(ValueError):
 
 
 def synthetic_count(asked: int | None, real: int, *, seq_len: int, generative: bool,
-                    lazy: bool) -> tuple[int, str | None]:
+                    lazy: bool, padded: bool = False) -> tuple[int, str | None]:
     """How many sequences to generate, and a note when the automatic choice made none for a reason the user may
     want to know. ``asked`` None: top up to ``AUTO_TARGET`` sequences when the real ones hold fewer than
-    ``AUTO_BELOW_TOKENS`` tokens and the model can write them in memory."""
+    ``AUTO_BELOW_TOKENS`` tokens and the model can write them in memory. Padded samples (an attention mask)
+    are not continued: their prompts would run into the padding."""
+    if padded and (asked or (asked is None and generative)):
+        if asked:
+            raise SyntheticError(f"synthetic_samples={asked}: the calibration samples are padded (attention_mask), "
+                                 "and the model continues unpadded ones only; give full-length samples or set "
+                                 "synthetic_samples=0")
+        return 0, None
     if asked is not None:
         if asked and seq_len <= PROMPT_TOKENS:
             raise SyntheticError(f"synthetic_samples={asked}: the model continues prompts of {PROMPT_TOKENS} tokens, "

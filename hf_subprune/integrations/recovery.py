@@ -25,13 +25,13 @@ from torch import nn
 
 from ..adapters import auto_class_for, get_adapter
 from ..api import Evaluator, PruneResult, _evaluation, _measure
-from ..calibration import fingerprint, load_labelled, load_texts, token_blocks
+from ..calibration import fingerprint, load_labelled, load_texts, text_samples, token_blocks
 from ..checks import check_device
 from ..config import PruneConfig
 from ..evaluation import BUILTIN_HELDOUT, AccuracyEvaluator, PerplexityEvaluator
 from ..files import REPORT_FILE
 from ..logs import get_logger
-from ..outputs.export import check_output_folder, load_calibration_ids, save_pruned
+from ..outputs.export import check_output_folder, load_calibration_ids, load_calibration_mask, save_pruned
 
 __all__ = ["RecoveryConfig", "RecoveryResult", "recover", "finetune", "lm_examples", "classification_examples",
            "training_device"]
@@ -97,9 +97,13 @@ class RecoveryConfig:
 
 # --- data -------------------------------------------------------------------------------------------------------
 
-def lm_examples(input_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """Next-token examples from token blocks (the model shifts the labels itself)."""
-    return [{"input_ids": row.long(), "labels": row.long()} for row in input_ids]
+def lm_examples(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
+    """Next-token examples from token blocks (the model shifts the labels itself); padding, where an attention
+    mask marks some, is masked and never a label."""
+    if attention_mask is None:
+        return [{"input_ids": row.long(), "labels": row.long()} for row in input_ids]
+    return [{"input_ids": row.long(), "attention_mask": mask.long(), "labels": row.long().masked_fill(mask == 0, -100)}
+            for row, mask in zip(input_ids, attention_mask)]
 
 
 def classification_examples(tokenizer, texts: list[str], labels: list[int] | None, max_length: int) -> list[dict]:
@@ -124,14 +128,16 @@ def _windows(texts: list[str], tokenizer, seq_len: int) -> int:
     return tokens // seq_len
 
 
-def _calibration_blocks(source: PruneResult | Path, report: dict, tokenizer, causal: bool) -> torch.Tensor:
-    """The calibration blocks of the cut, checked against the report's fingerprint: stored with the model, or,
-    for a folder saved without them, drawn again from a source that is still readable (built-in text, a file)."""
+def _calibration_blocks(source: PruneResult | Path, report: dict, tokenizer,
+                        causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The calibration blocks of the cut and their attention mask (None: unpadded), checked against the report's
+    fingerprint: stored with the model, or, for a folder saved without them, drawn again from a source that is
+    still readable (built-in text, a file)."""
     recorded = report["calibration"]
     if isinstance(source, PruneResult):
-        ids = source.input_ids
+        ids, mask = source.input_ids, source.attention_mask
     else:
-        ids = load_calibration_ids(source)
+        ids, mask = load_calibration_ids(source), load_calibration_mask(source)
     if ids is None:
         origin = str(recorded.get("source", ""))
         path = None if origin.startswith("builtin") else Path(origin)
@@ -139,17 +145,20 @@ def _calibration_blocks(source: PruneResult | Path, report: dict, tokenizer, cau
             raise ValueError(f"data 'calibration': the pruned model keeps no calibration tokens, and its calibration "
                              f"source {origin!r} cannot be read again here; give the data file instead (--data FILE)")
         cfg = report["config"]
-        ids = token_blocks(load_texts(path), tokenizer, cfg["num_samples"], cfg["seq_len"], seed=cfg["seed"],
-                           special_tokens=not causal)
-    if fingerprint(ids) != recorded["fingerprint"]:
-        raise ValueError(f"data 'calibration': the calibration tokens found have fingerprint {fingerprint(ids)}, the "
+        if causal:
+            ids = token_blocks(load_texts(path), tokenizer, cfg["num_samples"], cfg["seq_len"], seed=cfg["seed"])
+        else:
+            ids, mask = text_samples(load_texts(path), tokenizer, cfg["num_samples"], cfg["seq_len"], seed=cfg["seed"])
+    found = fingerprint(ids, mask)
+    if found != recorded["fingerprint"]:
+        raise ValueError(f"data 'calibration': the calibration tokens found have fingerprint {found}, the "
                          f"report records {recorded['fingerprint']}: they are not the samples the cut used")
-    return ids
+    return ids, mask
 
 
-def _blocks_info(source: str, ids: torch.Tensor) -> dict:
-    return {"source": source, "fingerprint": fingerprint(ids), "num_samples": int(ids.shape[0]),
-            "seq_len": int(ids.shape[1]), "tokens": int(ids.numel())}
+def _blocks_info(source: str, ids: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    return {"source": source, "fingerprint": fingerprint(ids, mask), "num_samples": int(ids.shape[0]),
+            "seq_len": int(ids.shape[1]), "tokens": int(ids.numel() if mask is None else mask.sum())}
 
 
 def _training_data(data: Any, model: nn.Module, tokenizer, report: dict, source: PruneResult | Path,
@@ -164,7 +173,7 @@ def _training_data(data: Any, model: nn.Module, tokenizer, report: dict, source:
         if config.seq_len is not None or config.num_samples is not None:
             raise ValueError("seq_len and num_samples (--seq-len, --num-samples) apply to a data file: data "
                              "'calibration' reuses the recorded samples as they are")
-        ids = _calibration_blocks(source, report, tokenizer, causal)
+        ids, mask = _calibration_blocks(source, report, tokenizer, causal)
         if classifier:
             if not config.distill:
                 raise ValueError("data 'calibration' has no labels: a classifier recovers from it with distill "
@@ -173,10 +182,11 @@ def _training_data(data: Any, model: nn.Module, tokenizer, report: dict, source:
                 raise ValueError(f"distill_weight {config.distill_weight} mixes in the classifier's own loss, which "
                                  "needs labels that data 'calibration' has not: use distill_weight 1, or give a "
                                  "labelled data file")
-            examples = [{"input_ids": row.long(), "attention_mask": torch.ones_like(row)} for row in ids]
+            lengths = [len(row) for row in ids] if mask is None else mask.sum(1).tolist()
+            examples = [{"input_ids": row[:n].tolist(), "attention_mask": [1] * n} for row, n in zip(ids, lengths)]
         else:
-            examples = lm_examples(ids)
-        return examples, _blocks_info(CALIBRATION, ids)
+            examples = lm_examples(ids, mask)
+        return examples, _blocks_info(CALIBRATION, ids, mask)
     if classifier:
         if not isinstance(data, (str, Path)):
             raise ValueError("a classifier recovers from a labelled data file (text and label columns)")
@@ -452,6 +462,7 @@ class RecoveryResult:
     recovery: dict
     pruned: PruneResult | dict = field(repr=False)  # the in-memory result, or the folder's report
     input_ids: torch.Tensor | None = field(default=None, repr=False)
+    attention_mask: torch.Tensor | None = field(default=None, repr=False)
 
     def report(self, *, export: str | None = None, reload_check: dict | None = None) -> dict:
         if isinstance(self.pruned, PruneResult):
@@ -548,9 +559,11 @@ def recover(
     if in_memory:
         model, tokenizer = folder_or_result.model, folder_or_result.tokenizer
         prune_config, input_ids = folder_or_result.config, folder_or_result.input_ids
+        attention_mask = folder_or_result.attention_mask
     else:
         model, tokenizer = _load_pruned(source, report, dtype)
         prune_config, input_ids = PruneConfig.from_pretrained(source), load_calibration_ids(source)
+        attention_mask = load_calibration_mask(source)
     if tokenizer is None:
         raise ValueError("recovery needs the pruned model's tokenizer")
     examples, data_info = _training_data(data, model, tokenizer, report, source, config, text_column, label_column)
@@ -585,7 +598,8 @@ def recover(
     if "recovery" in report:
         recovery["previous"] = report["recovery"]
     result = RecoveryResult(model=model, tokenizer=tokenizer, config=prune_config, recovery=recovery,
-                            pruned=source if isinstance(source, PruneResult) else report, input_ids=input_ids)
+                            pruned=source if isinstance(source, PruneResult) else report, input_ids=input_ids,
+                            attention_mask=attention_mask)
     if output is not None:
         result.save(output, overwrite=overwrite, check=check)
     return result

@@ -508,7 +508,7 @@ class SubpruneCallback(TrainerCallback):
             model=model, tokenizer=self._tokenizer, config=config, widths=widths, widths_before=first.widths_before,
             sites=last.sites, params_before=self._params_original, params_after=count_parameters(model),
             seconds=sum(c.seconds for c in self.cuts), calibration=last.calibration, base_model=first.base_model,
-            license=first.license, input_ids=last.input_ids)
+            license=first.license, input_ids=last.input_ids, attention_mask=last.attention_mask)
 
     def _training_note(self) -> str:
         state = self._state
@@ -554,7 +554,7 @@ class SubpruneCallback(TrainerCallback):
         (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
         result.config.save_pretrained(folder)
         if result.input_ids is not None:  # what recover(folder, "calibration") trains on
-            save_calibration_ids(result.input_ids, folder)
+            save_calibration_ids(result.input_ids, folder, result.attention_mask)
         write_card(folder, report)
         _make_readable(folder)
 

@@ -25,7 +25,7 @@ from .heterogeneous import needs_heterogeneous, write_heterogeneous
 from .shards import DEFAULT_MAX_SHARD_SIZE, save_lazy
 
 __all__ = ["ExportCheckError", "check_output_folder", "save_pruned", "check_reload", "save_calibration_ids",
-           "load_calibration_ids"]
+           "load_calibration_ids", "load_calibration_mask"]
 
 
 class ExportCheckError(RuntimeError):
@@ -146,7 +146,7 @@ def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = Tr
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
         result.config.save_pretrained(tmp)
         if getattr(result, "input_ids", None) is not None:
-            save_calibration_ids(result.input_ids, tmp)
+            save_calibration_ids(result.input_ids, tmp, getattr(result, "attention_mask", None))
         write_card(tmp, report)
         _make_readable(tmp)
         if path.exists():
@@ -165,12 +165,16 @@ def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = Tr
     return path
 
 
-def save_calibration_ids(input_ids: torch.Tensor, folder: Path) -> Path:
-    """The calibration tokens in their own dtype, so that their fingerprint (of the raw bytes) can be checked."""
+def save_calibration_ids(input_ids: torch.Tensor, folder: Path, attention_mask: torch.Tensor | None = None) -> Path:
+    """The calibration tokens in their own dtype, so that their fingerprint (of the raw bytes) can be checked, and
+    their attention mask when they are padded."""
     from safetensors.torch import save_file
 
     path = Path(folder) / CALIBRATION_FILE
-    save_file({"input_ids": input_ids.detach().cpu().contiguous()}, str(path))
+    tensors = {"input_ids": input_ids.detach().cpu().contiguous()}
+    if attention_mask is not None:
+        tensors["attention_mask"] = attention_mask.detach().cpu().contiguous()
+    save_file(tensors, str(path))
     return path
 
 
@@ -180,6 +184,14 @@ def load_calibration_ids(folder: Path) -> torch.Tensor | None:
 
     path = Path(folder) / CALIBRATION_FILE
     return load_file(str(path))["input_ids"] if path.is_file() else None
+
+
+def load_calibration_mask(folder: Path) -> torch.Tensor | None:
+    """The attention mask of the stored calibration tokens, or None when they are unpadded (or not stored)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / CALIBRATION_FILE
+    return load_file(str(path)).get("attention_mask") if path.is_file() else None
 
 
 _log = get_logger(__name__)

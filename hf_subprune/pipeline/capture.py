@@ -6,7 +6,7 @@ with a dedicated exception (never a generic error that could hide a real bug).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -63,11 +63,20 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 @dataclass
 class BlockInputs:
-    """What enters block 0 for each calibration batch: hidden states and the other arguments by name."""
+    """What enters block 0 for each calibration batch: hidden states, the other arguments by name, and for padded
+    calibration (an attention mask) which token positions are real."""
 
     hidden: list[torch.Tensor]
     args: list[tuple]
     kwargs: list[dict[str, Any]]
+    masks: list[torch.Tensor | None] = field(default_factory=list)
+
+    def rows(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """``x`` of batch ``index`` (batch x tokens x features, or already tokens x features) as the rows of its
+        real tokens: padding never enters a statistic, so results do not depend on how much of it there is."""
+        x = x.reshape(-1, x.shape[-1])
+        mask = self.masks[index] if index < len(self.masks) else None
+        return x if mask is None else x[mask.reshape(-1).to(x.device)]
 
 
 def _move_outside(model: nn.Module, blocks_prefix: str, device) -> None:
@@ -82,7 +91,8 @@ def capture_block_inputs(
     model: nn.Module, input_ids: torch.Tensor, batch_size: int, device, offload, *, attention_mask=None,
     progress: bool = False,
 ) -> BlockInputs:
-    """Run the model on each batch up to block 0 and keep what block 0 receives (moved to ``offload``)."""
+    """Run the model on each batch up to block 0 and keep what block 0 receives (moved to ``offload``); with an
+    ``attention_mask`` (1 = real token, 0 = padding) the model masks the padding and each batch keeps its mask."""
     prefix, blocks = find_blocks(model)
     _move_outside(model, prefix, device)
     captured = BlockInputs([], [], [])
@@ -101,7 +111,9 @@ def capture_block_inputs(
             for start in progress_bar(range(0, len(input_ids), batch_size), "calibration batches", progress):
                 batch = {"input_ids": input_ids[start : start + batch_size].to(device), "use_cache": False}
                 if attention_mask is not None:
-                    batch["attention_mask"] = attention_mask[start : start + batch_size].to(device)
+                    mask = attention_mask[start : start + batch_size]
+                    batch["attention_mask"] = mask.to(device)
+                    captured.masks.append(mask.bool().to(offload))
                 try:
                     model(**batch)
                 except StopForward:

@@ -110,13 +110,16 @@ class _Units:
 
 def _dense_pass(block: nn.Module, paths: list[str], inputs: BlockInputs, hidden: list[torch.Tensor], device,
                 offload, on_input: Callable[[str, torch.Tensor], None]) -> list[torch.Tensor]:
-    """Run ``block`` on every batch, handing each consumer's input to ``on_input``; return the block's outputs
-    (the dense stream entering the next block). One forward per batch serves every site of the block."""
+    """Run ``block`` on every batch, handing each consumer's input (its real tokens' rows) to ``on_input``; return
+    the block's outputs (the dense stream entering the next block). One forward per batch serves every site."""
     out = []
+    batch = [0]
     with HookSet() as hooks:
         for path in paths:
-            hooks.pre_hook(block.get_submodule(path), lambda module, args, path=path: on_input(path, args[0]))
+            hooks.pre_hook(block.get_submodule(path),
+                           lambda module, args, path=path: on_input(path, inputs.rows(batch[0], args[0])))
         for j in range(len(hidden)):
+            batch[0] = j
             out.append(run_block(block, inputs, hidden, j, device).to(offload))
     return out
 

@@ -18,10 +18,11 @@ __all__ = ["collect_statistics", "site_inputs", "consumer_inputs", "residual_wei
 
 def consumer_inputs(block: nn.Module, path: str, inputs: BlockInputs, hidden: list[torch.Tensor], index: int,
                     device) -> torch.Tensor:
-    """The input of module ``path`` of ``block`` on batch ``index`` (tokens x features), from a partial forward."""
+    """The input of module ``path`` of ``block`` on batch ``index`` (real tokens x features), from a partial
+    forward."""
     box: list[torch.Tensor] = []
     run_block(block, inputs, hidden, index, device, stop_at=block.get_submodule(path), on_input=box.append)
-    return box[0].reshape(-1, box[0].shape[-1])
+    return inputs.rows(index, box[0])
 
 
 def site_inputs(block: nn.Module, site: Site, inputs: BlockInputs, hidden: list[torch.Tensor], index: int, device
@@ -34,7 +35,7 @@ def site_inputs(block: nn.Module, site: Site, inputs: BlockInputs, hidden: list[
             hooks.pre_hook(block.get_submodule(site.residual), lambda module, args: seen.append(args[0]))
         x = consumer_inputs(block, site.consumer, inputs, hidden, index, device)
     residual = seen[0] if seen else hidden[index].to(device)
-    return x, residual.reshape(-1, residual.shape[-1])
+    return x, inputs.rows(index, residual)
 
 
 def residual_weights(stream: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,7 @@ def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original:
             a, r_orig = site_inputs(original, site, inputs, hidden, i, device)
             b, r_cut = site_inputs(block, site, inputs, hidden, i, device)
             y = a.float() @ weight.T + (r_orig.float() - r_cut.float())
-            stats.update(b, y, weights=residual_weights(hidden[i], y) if weighted else None)
+            stats.update(b, y, weights=residual_weights(inputs.rows(i, hidden[i]), y) if weighted else None)
         reduce_sum(stats.tensors())
         return stats
     # The target is the consumer's own output on the same input: the input sums are enough (C = G W^T).
@@ -72,7 +73,7 @@ def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original:
     stats = SiteStatistics.zeros(d, 0, device=device, dtype=dtype)
     for i in range(len(inputs.hidden)):
         b = consumer_inputs(source, site.consumer, inputs, hidden, i, device)
-        w = residual_weights(hidden[i], b.float() @ weight.T) if weighted else None
+        w = residual_weights(inputs.rows(i, hidden[i]), b.float() @ weight.T) if weighted else None
         stats.update(b, b[:, :0], weights=w)
     reduce_sum(stats.tensors())
     return SiteStatistics.from_inputs_only(stats, weight)
