@@ -3,7 +3,7 @@
 With "accelerator" the script creates an Accelerator as a training script would; with "bare" it only calls
 prune(), as a user's script that knows nothing of accelerate would; with "lazy" it gives prune() the folder, whose
 blocks stay on disk (each process writes the most blocks it held at once, the main one saves the model next to
-the output file)."""
+the output file); with "padded" the samples are right-padded (``padding_mask``)."""
 
 import json
 import os
@@ -13,6 +13,12 @@ import torch
 import transformers
 
 from hf_subprune import prune
+
+
+def padding_mask(ids: torch.Tensor) -> torch.Tensor:
+    """Samples of 4 to 15 real tokens, then padding."""
+    lengths = torch.tensor([4 + (3 * i) % 12 for i in range(len(ids))])
+    return (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
 
 
 def main(model_dir: str, ids_json: str, out_json: str, mode: str) -> None:
@@ -35,8 +41,9 @@ def main(model_dir: str, ids_json: str, out_json: str, mode: str) -> None:
             f.write(str(TALLY.peak))
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
-        result = prune(model, input_ids=ids, sparsity=0.3, batch_size=2, progress=False, device="cpu",
-                       variant="asymmetric")
+        mask = padding_mask(ids) if mode == "padded" else None
+        result = prune(model, input_ids=ids, attention_mask=mask, sparsity=0.3, batch_size=2, progress=False,
+                       device="cpu", variant="asymmetric")
     if rank == "0":
         down = [] if mode == "lazy" else result.model.model.layers[-1].mlp.down_proj.weight.tolist()
         with open(out_json, "w") as f:

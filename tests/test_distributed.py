@@ -15,15 +15,17 @@ import torch
 from hf_subprune import prune
 
 from conftest import calibration_ids, tiny_model
+from distributed_prune import padding_mask
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("mode", ["accelerator", "bare", "lazy"])
+@pytest.mark.parametrize("mode", ["accelerator", "bare", "lazy", "padded"])
 def test_two_processes_match_one(tmp_path, mode):
     """With an Accelerator in the script, and without one (prune() sets accelerate's process state up itself,
     on the CPU without being told: ACCELERATE_USE_CPU is unset); and given the folder, whose blocks every process
-    reads from disk one at a time (only the main process saves)."""
+    reads from disk one at a time (only the main process saves); and with padded samples, whose masks are shared
+    out with them."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if accelerate is None:
         pytest.skip("accelerate's launcher is not installed")
@@ -35,7 +37,7 @@ def test_two_processes_match_one(tmp_path, mode):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     env.pop("ACCELERATE_USE_CPU", None)
-    if mode in ("accelerator", "lazy"):
+    if mode in ("accelerator", "lazy", "padded"):
         env["ACCELERATE_USE_CPU"] = "true"
     run = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -50,10 +52,13 @@ def test_two_processes_match_one(tmp_path, mode):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
-    one = prune(model, input_ids=ids, sparsity=0.3, batch_size=2, progress=False, device="cpu", variant="asymmetric")
+    mask = padding_mask(ids) if mode == "padded" else None
+    one = prune(model, input_ids=ids, attention_mask=mask, sparsity=0.3, batch_size=2, progress=False, device="cpu",
+                variant="asymmetric")
     assert two["kept"] == [s.kept for s in one.sites]
-    # Each process saw half the tokens, but the reduced statistics cover all of them.
-    assert two["tokens"] == [s.tokens for s in one.sites] == [ids.numel()] * len(one.sites)
+    # Each process saw half the tokens, but the reduced statistics cover all of them (the real ones).
+    tokens = ids.numel() if mask is None else int(mask.sum())
+    assert two["tokens"] == [s.tokens for s in one.sites] == [tokens] * len(one.sites)
     down = model.model.layers[-1].mlp.down_proj.weight
     if mode == "lazy":
         assert [(tmp_path / f"out.json.peak-{rank}").read_text() for rank in "01"] == ["1", "1"]

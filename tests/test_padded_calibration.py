@@ -131,6 +131,8 @@ def test_encoders_calibrate_from_text_one_per_sample(tokenizer, tmp_path):
 
     assert torch.equal(load_calibration_ids(out), ids) and torch.equal(load_calibration_mask(out), mask)
     assert json.loads((out / "subprune_report.json").read_text())["calibration"]["tokens"] == int(mask.sum())
+    assert f"8 texts of up to {ids.shape[1]} tokens, one per sample, {int(mask.sum())} tokens" in (
+        out / "README.md").read_text()
 
 
 def test_padded_samples_are_not_continued_by_the_model():

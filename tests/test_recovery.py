@@ -324,3 +324,22 @@ def test_classifier_recovers_on_its_labels(classifier, tmp_path):
         recover(pruned, "calibration", max_steps=1, progress=False)
     with pytest.raises(ValueError, match="needs labels"):  # no labels to mix the classifier's own loss with
         recover(pruned, "calibration", max_steps=1, distill=True, distill_weight=0.5, progress=False)
+
+
+def test_classifier_distils_on_its_padded_calibration(classifier, tmp_path):
+    """A classifier pruned from text is calibrated one sentence per sample (padded); recovery on 'calibration'
+    trains on exactly those sentences, stored with their mask or drawn again from the file."""
+    _, tok, data = classifier
+    model = transformers.BertForSequenceClassification.from_pretrained(data.parent / "base")
+    result = prune(model, tok, data, mlp_sparsity=0.3, num_samples=6, seq_len=16, progress=False)
+    assert result.calibration["padded"] and result.attention_mask is not None
+    pruned = result.save(tmp_path / "pruned")
+    recorded = _report(pruned)["calibration"]
+    recovered = recover(pruned, "calibration", distill=True, teacher=str(data.parent / "base"), max_steps=1,
+                        batch_size=6, progress=False)
+    assert recovered.recovery["data"]["fingerprint"] == recorded["fingerprint"]
+    assert recovered.recovery["data"]["tokens"] == recorded["tokens"] == int(result.attention_mask.sum())
+    (pruned / CALIBRATION_FILE).unlink()  # drawn again from the TSV, one sentence per sample
+    again = recover(pruned, "calibration", distill=True, teacher=str(data.parent / "base"), max_steps=1,
+                    batch_size=6, progress=False)
+    assert again.recovery["data"]["fingerprint"] == recorded["fingerprint"]

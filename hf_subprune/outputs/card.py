@@ -71,6 +71,14 @@ def _recovery(report: dict) -> dict | None:
     }
 
 
+def _shape(calibration: dict) -> str:
+    """How many tokens in what samples: fixed windows, or padded texts (whose padding is not counted)."""
+    n, length, tokens = calibration["num_samples"], calibration["seq_len"], calibration["tokens"]
+    if calibration.get("padded"):
+        return f"{n} texts of up to {length} tokens, one per sample, {tokens} tokens in all"
+    return f"{n} x {length} = {tokens} tokens"
+
+
 def _synthetic(calibration: dict) -> str:
     """The calibration line's note on sequences the base model wrote itself (``synthetic.py``)."""
     count = calibration.get("synthetic_samples") or 0
@@ -157,8 +165,8 @@ def build_card(report: dict, plots: list[dict] | None = None, file_size: dict | 
                 ("attention sparsity", cfg["attention_sparsity"]), ("attention mode", cfg["attention_mode"]),
                 ("damping", cfg["damping"]), ("token weights", cfg.get("token_weights", "none")),
                 ("seed", cfg["seed"]),
-                ("calibration data", f"{cal['source']} ({cal['num_samples']} x {cal['seq_len']} = {cal['tokens']} "
-                                     f"tokens{_synthetic(cal)}, fingerprint `{cal['fingerprint']}`)"),
+                ("calibration data", f"{cal['source']} ({_shape(cal)}{_synthetic(cal)}, fingerprint "
+                                     f"`{cal['fingerprint']}`)"),
                 ("time", f"{report['seconds']:.0f} s")]
     protocol = evaluation.get("perplexity_protocol")
     return ModelCard.from_template(
