@@ -1,12 +1,12 @@
-"""Distillation recovery against its learning rate and steps: SmolLM2-135M pruned by the default at 20% from
-32 x 512 WikiText-2 valid tokens (seed 0), then a full fine-tune on the KL from the dense model over those same
+"""Distillation recovery against its learning rate and steps: SmolLM2-135M pruned by the default at 20% (or
+--sparsity) from 32 x 512 WikiText-2 valid tokens (seed 0), then a full fine-tune on the KL from the dense model over those same
 calibration sequences (batches of 4), as ``bench_recovery.py`` runs its "full, calibration, distillation" row.
 The reference is the dense model itself (distilled from itself it stays where it is).
 
     python benchmarks/bench_distill_lr.py --runs 2e-5:16,1e-4:16,5e-4:16,2e-4:48,2e-4:64
 
 Each finished run is appended to benchmarks/results/recovery_distill_lr.jsonl (rerunning skips those there) and the
-table rewritten to recovery_distill_lr.md. --data points at the shared data folder (default ../shared/data).
+table rewritten to recovery_distill_lr.md; another sparsity than 20% writes recovery_distill_lr_<percent>.{jsonl,md}. --data points at the shared data folder (default ../shared/data).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from hf_subprune import prune  # noqa: E402
 STEM = "recovery_distill_lr"
 
 
-def table(records: list[dict], reference: dict) -> str:
-    lines = ["# SmolLM2-135M at 20%: full distillation recovery against learning rate and steps", "",
+def table(records: list[dict], reference: dict, sparsity: float = 0.2) -> str:
+    lines = [f"# SmolLM2-135M at {sparsity:.0%}: full distillation recovery against learning rate and steps", "",
              "Pruned by the default from 32 x 512 WikiText-2 valid tokens (seed 0), then a full fine-tune on the KL "
              "from the dense model over the same 32 sequences, batches of 4, linear decay, seed 0. Perplexity on the "
              f"first {reference['tokens']} tokens of WikiText-2 test and of the held-out built-in text, windows of "
@@ -52,13 +52,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="2e-5:16,1e-4:16,5e-4:16", help="lr:steps pairs, comma-separated")
     parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--sparsity", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=None)
     add_data_arguments(parser)
     args = parser.parse_args()
     require(args.data, args.hub, wikitext=("valid", "test"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    jsonl = RESULTS / f"{STEM}.jsonl"
+    stem = STEM if args.sparsity == 0.2 else f"{STEM}_{round(100 * args.sparsity)}"
+    jsonl = RESULTS / f"{stem}.jsonl"
     records = [json.loads(line) for line in jsonl.read_text().splitlines() if line] if jsonl.exists() else []
     runs = [(float(lr), int(steps)) for lr, steps in (item.split(":") for item in args.runs.split(","))]
     todo = [(lr, steps) for lr, steps in runs if not any(r["lr"] == lr and r["steps"] == steps for r in records)]
@@ -68,7 +70,7 @@ def main() -> None:
     task = Task(settings)
     dense_q = task.quality(task.model)
     pruned = copy.deepcopy(task.model)
-    prune(pruned, input_ids=task.calibration, progress=False, sparsity=0.2, num_samples=32, seq_len=512)
+    prune(pruned, input_ids=task.calibration, progress=False, sparsity=args.sparsity, num_samples=32, seq_len=512)
     pruned_q = task.quality(pruned)
     reference = {"wikitext": dense_q["wikitext2_test"]["perplexity"], "heldout": dense_q["heldout"]["perplexity"],
                  "tokens": dense_q["wikitext2_test"]["tokens"],
@@ -83,10 +85,10 @@ def main() -> None:
         records.append(row)
         with jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        (RESULTS / f"{STEM}.md").write_text(table(records, reference))
+        (RESULTS / f"{stem}.md").write_text(table(records, reference, args.sparsity))
         print(json.dumps(row), flush=True)
-    text = table(records, reference)
-    (RESULTS / f"{STEM}.md").write_text(text)
+    text = table(records, reference, args.sparsity)
+    (RESULTS / f"{stem}.md").write_text(text)
     print(text)
 
 

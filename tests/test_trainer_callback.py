@@ -16,10 +16,10 @@ import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_subprune import PruneConfig, SubpruneCallback
-from hf_subprune.integrations.trainer import train_calibration
+from hf_subprune.integrations.trainer import train_calibration, train_text_calibration
 from hf_subprune.pipeline.widths import site_costs
 
-from conftest import outputs, tiny_model
+from conftest import outputs, tiny_config, tiny_model
 
 VOCAB, SEQ = 128, 16
 
@@ -263,6 +263,33 @@ def test_calibration_from_padded_batches_drops_padding():
     assert torch.equal(ids, again)
     few, _ = train_calibration(loader, num_samples=1000, seq_len=16, seed=0)
     assert 0 < len(few) < 1000
+
+
+def test_encoder_calibration_from_padded_batches_is_one_example_per_sample(tmp_path):
+    """An encoder in a Trainer calibrates on one training example per sample, padded, as prune() calibrates
+    encoders from text; the cut's report counts only the real tokens."""
+    loader = torch.utils.data.DataLoader(examples(40, ragged=True), batch_size=4, collate_fn=collate)
+    rng = torch.get_rng_state()
+    ids, mask, source = train_text_calibration(loader, num_samples=6, seq_len=12, seed=0)
+    lengths = mask.sum(1)
+    assert ids.shape == (6, int(lengths.max())) and "one per sample" in source
+    assert not ids[mask.bool()].eq(99).any() and bool((lengths <= 12).all())
+    assert torch.equal(torch.get_rng_state(), rng)
+    model = transformers.BertForSequenceClassification(tiny_config("bert"))
+    callback = SubpruneCallback(PruneConfig(sparsity=0.3, num_samples=6, seq_len=12, budget="uniform"))
+    data = [{**e, "labels": int(e["input_ids"][0] % 2)} for e in examples(32, ragged=True)]
+
+    def classify(batch):
+        out = collate(batch)
+        out["labels"] = torch.tensor([b["labels"] for b in batch])
+        return out
+
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                             use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=data, data_collator=classify, callbacks=[callback]).train()
+    calibration = callback.cuts[0].result.calibration
+    assert calibration["padded"] and calibration["num_samples"] == 6
+    assert calibration["tokens"] < 6 * calibration["seq_len"]
 
 
 @pytest.mark.parametrize("schedule, message", [

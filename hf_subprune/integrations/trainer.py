@@ -178,19 +178,14 @@ def _batches(items: Iterator[Any], size: int) -> Iterator[list]:
         yield chunk
 
 
-def train_calibration(dataloader, num_samples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, str]:
-    """Calibration windows from the training data: examples of the dataloader's dataset in a seeded random order,
-    through its own collate function, their real tokens (``attention_mask`` 1) concatenated and cut into
-    ``num_samples`` windows of ``seq_len`` (fewer if the data runs out, with a warning). Padding never counts and
-    labels are not read. The same on every process, without touching the dataloader or the run's generators."""
+def _real_rows(dataloader, seed: int) -> Iterator[tuple[torch.Tensor, bool]]:
+    """The real tokens (``attention_mask`` 1) of each example of the dataloader's dataset, in a seeded random order,
+    through its own collate function, with whether the batch had a mask. Labels are not read; the run's random
+    generators are left as they were."""
     dataset = dataloader.dataset
     if type(dataset).__name__ == "IterableDatasetShard":  # accelerate's per-process view: read the whole stream
         dataset = dataset.dataset
     collate = dataloader.collate_fn
-    need = num_samples * seq_len
-    pieces: list[torch.Tensor] = []
-    have = 0
-    masked = True
     with _rng_kept(seed):
         if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
             examples = iter(dataset)
@@ -204,11 +199,28 @@ def train_calibration(dataloader, num_samples: int, seq_len: int, seed: int) -> 
                                  "SubpruneCallback(calibration=...) (text, a dataset or token ids)")
             ids = torch.as_tensor(batch["input_ids"])
             mask = batch.get("attention_mask") if hasattr(batch, "get") else None
-            masked = masked and mask is not None
-            mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
-            for row, keep in zip(ids, mask):
-                pieces.append(row[keep].long())
-                have += int(keep.sum())
+            keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
+            for row, real in zip(ids, keep):
+                yield row[real].long(), mask is not None
+
+
+def _source(masked: bool, how: str) -> str:
+    return (f"the Trainer's train dataset (real tokens of seeded random examples, {how}"
+            + ("; padding dropped by attention_mask)" if masked else "; batches without attention_mask: all tokens)"))
+
+
+def train_calibration(dataloader, num_samples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, str]:
+    """Calibration windows from the training data, as decoders calibrate: the real tokens of seeded random examples
+    (``_real_rows``) concatenated and cut into ``num_samples`` windows of ``seq_len`` (fewer if the data runs out,
+    with a warning). The same on every process, without touching the dataloader or the run's generators."""
+    need = num_samples * seq_len
+    pieces: list[torch.Tensor] = []
+    have, masked = 0, True
+    with contextlib.closing(_real_rows(dataloader, seed)) as real:  # closing restores the run's generators
+        for row, has_mask in real:
+            pieces.append(row)
+            have += len(row)
+            masked = masked and has_mask
             if have >= need:
                 break
     windows = min(num_samples, have // seq_len)
@@ -219,9 +231,33 @@ def train_calibration(dataloader, num_samples: int, seq_len: int, seed: int) -> 
         logger.warning(f"the train dataset gives {windows} calibration windows of {seq_len} tokens, not "
                        f"num_samples={num_samples}: calibrating on those")
     ids = torch.cat(pieces)[: windows * seq_len].view(windows, seq_len)
-    source = ("the Trainer's train dataset (real tokens of seeded random examples, concatenated"
-              + ("; padding dropped by attention_mask)" if masked else "; batches without attention_mask: all tokens)"))
-    return ids, source
+    return ids, _source(masked, "concatenated")
+
+
+def train_text_calibration(dataloader, num_samples: int, seq_len: int,
+                           seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Calibration samples from the training data, as encoders calibrate (``calibration.text_samples``): one
+    example per sample (its real tokens, cut at ``seq_len``), padded on the right, with the attention mask."""
+    rows: list[torch.Tensor] = []
+    masked = True
+    with contextlib.closing(_real_rows(dataloader, seed)) as real:
+        for row, has_mask in real:
+            if len(row):
+                rows.append(row[:seq_len])
+                masked = masked and has_mask
+            if len(rows) == num_samples:
+                break
+    if not rows:
+        raise ValueError("the train dataset holds no tokens to calibrate on: pass calibration=...")
+    if len(rows) < num_samples:
+        logger.warning(f"the train dataset gives {len(rows)} calibration samples, not num_samples={num_samples}: "
+                       "calibrating on those")
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = row, 1
+    return ids, mask, _source(masked, "one per sample")
 
 
 def _prunable(model: nn.Module) -> int:
@@ -459,8 +495,12 @@ class SubpruneCallback(TrainerCallback):
         if self.calibration is None:
             if dataloader is None:
                 raise ValueError("the Trainer gave no train dataloader to calibrate on: pass calibration=...")
-            ids, source = train_calibration(dataloader, cfg.num_samples, cfg.seq_len, cfg.seed)
-            kwargs = {"input_ids": ids}
+            if get_adapter(model.config).causal_lm:
+                ids, source = train_calibration(dataloader, cfg.num_samples, cfg.seq_len, cfg.seed)
+                kwargs = {"input_ids": ids}
+            else:
+                ids, mask, source = train_text_calibration(dataloader, cfg.num_samples, cfg.seq_len, cfg.seed)
+                kwargs = {"input_ids": ids, "attention_mask": mask}
         elif isinstance(self.calibration, torch.Tensor):
             kwargs, source = {"input_ids": self.calibration}, None
         else:
