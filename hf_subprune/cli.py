@@ -76,7 +76,7 @@ def _recovery_settings(args) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from .maths.methods import METHODS
-    from .config import ATTENTION_MODES, BUDGETS, TOKEN_WEIGHTS, VARIANTS
+    from .config import ATTENTION_MODES, BUDGETS, SELECTION_ERRORS, TOKEN_WEIGHTS, VARIANTS
 
     parser = argparse.ArgumentParser(prog="hf-subprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flag(p, "--damping", "damping", type=float)
     _config_flag(p, "--shrinkage", "shrinkage", type=float)
     _config_flag(p, "--token-weights", "token_weights", choices=TOKEN_WEIGHTS)
+    _config_flag(p, "--selection-error", "selection_error", choices=SELECTION_ERRORS)
     _config_flag(p, "--budget", "budget", choices=BUDGETS)
     _config_flag(p, "--mlp-multiple", "mlp_multiple", type=int)
     _config_flag(p, "--min-width-fraction", "min_width_fraction", type=float)
@@ -242,7 +243,7 @@ def _prune(args) -> int:
 
     fields = ("sparsity", "mlp_sparsity", "attention_sparsity", "num_samples", "synthetic_samples", "seq_len",
               "batch_size", "method", "variant", "attention_mode", "refit", "damping", "shrinkage", "token_weights",
-              "seed", "device", "budget", "mlp_multiple", "min_width_fraction")
+              "selection_error", "seed", "device", "budget", "mlp_multiple", "min_width_fraction")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.quiet:
         _quiet()

@@ -10,12 +10,14 @@ from typing import Any
 
 from .files import CONFIG_FILE, REPORT_FILE
 
-__all__ = ["PruneConfig", "CONFIG_FILE", "VARIANTS", "ATTENTION_MODES", "BUDGETS", "TOKEN_WEIGHTS"]
+__all__ = ["PruneConfig", "CONFIG_FILE", "VARIANTS", "ATTENTION_MODES", "BUDGETS", "TOKEN_WEIGHTS",
+           "SELECTION_ERRORS"]
 
 VARIANTS = ("asymmetric", "sequential", "layerwise")  # pipeline.variants.VARIANTS names them (a test checks)
 ATTENTION_MODES = ("query_quota", "kv_group")
 BUDGETS = ("uniform", "global", "fluctuation")
 TOKEN_WEIGHTS = ("residual", "none")
+SELECTION_ERRORS = ("auto", "refit", "original")
 
 
 _BASE_TYPES: dict[str, tuple[type, str]] = {
@@ -126,6 +128,15 @@ class PruneConfig:
         "none: every token counts the same.",
         "residual",
     )
+    selection_error: str = _help(
+        "What the greedy selection minimises. refit: the error left after refitting the kept channels (the "
+        "paper's gains). original: the error of the kept channels with their original weights (LayerGreedyFS's "
+        "criterion), the refit coming after the choice. auto (default): original where a site saw fewer "
+        "calibration tokens than it has input columns, refit elsewhere. With a singular sample covariance the "
+        "refit-aware gains credit compensations that a few tokens cannot pin down, and the choice overfits "
+        "them; the refit itself stays damped towards the original weights.",
+        "auto",
+    )
     attention_mode: str = _help(
         "Grouped-query attention: query_quota keeps the same number of query heads in every kv group; "
         "kv_group removes whole kv groups (kv head and its query heads).",
@@ -187,6 +198,7 @@ class PruneConfig:
         if self.budget is not None:  # None: decided by prune() from the calibration size (see the help)
             self._choice("budget", BUDGETS)
         self._choice("token_weights", TOKEN_WEIGHTS)
+        self._choice("selection_error", SELECTION_ERRORS)
         self._choice("stats_dtype", ("float64", "float32"))
         for name in ("num_samples", "seq_len", "batch_size", "mlp_multiple"):
             if int(getattr(self, name)) < 1:

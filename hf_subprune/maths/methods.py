@@ -261,6 +261,7 @@ def select(
     shrinkage: float = 0.0,
     seed: int = 0,
     site: str = "site",
+    selection_error: str = "refit",
 ) -> Selection:
     """Keep ``k`` groups of the consumer's input columns with a per-site ``method``.
 
@@ -270,6 +271,9 @@ def select(
         refit_weights: least-squares refit of the kept columns (with the intercept when ``bias_shift``);
             otherwise the original columns, plus the method's bias compensation if it has one.
         prior: damp the refit towards this weight (usually ``weight`` itself) instead of towards zero.
+        selection_error: for ``greedy``, what the choice minimises: ``"refit"`` the error after the refit (the
+            greedy's own gains), ``"original"`` the error of the kept columns as they are (``layer_greedy_fs``);
+            the refit, when asked, follows either way. Resolved per site by the caller (``PruneConfig``'s "auto").
         Other arguments as in ``greedy_select``.
 
     The arguments are taken as given: a published method's fixed settings are applied to the ``PruneConfig``
@@ -283,6 +287,9 @@ def select(
     stats.check_finite(site)
     layout = GroupLayout.build(stats.in_features, group_size, groups)
     part = torch.as_tensor(partition, dtype=torch.long) if partition is not None else None
+    greedy = spec.score is None and spec.pick is None
+    if greedy and selection_error == "original":
+        spec = Method(spec.name, pick=layer_greedy_fs)
     if spec.score is None and spec.pick is None:
         result = greedy_select(
             stats, k, group_size, groups, damping=damping, bias_shift=bias_shift,
@@ -307,6 +314,8 @@ def select(
         if spec.compensates_bias and stats.count > 0:
             result.bias_shift = compensation(weight, stats.input_sum / stats.count, result.kept_columns)
     result.error = reconstruction_error(stats, result.kept_columns, result.weight, result.bias_shift)
+    if greedy:
+        result.diagnostics = {**result.diagnostics, "selection_error": selection_error}
     return result
 
 

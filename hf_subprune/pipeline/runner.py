@@ -60,6 +60,14 @@ def shrinkage_for(cfg: PruneConfig, stats: SiteStatistics) -> float:
     return auto_shrinkage(stats) if cfg.shrinkage is None else cfg.shrinkage
 
 
+def selection_error_for(cfg: PruneConfig, stats: SiteStatistics) -> str:
+    """The configured selection error, or the automatic one: the original columns' error where the site saw fewer
+    tokens than it has input columns (a singular sample covariance), the refit's elsewhere."""
+    if cfg.selection_error != "auto":
+        return cfg.selection_error
+    return "original" if float(stats.tokens) < stats.in_features else "refit"
+
+
 def _prune_site(site: Site, adapter: Adapter, block: nn.Module, stats: SiteStatistics, cfg: PruneConfig,
                 block_index: int) -> SiteReport:
     consumer = block.get_submodule(site.consumer)
@@ -70,6 +78,7 @@ def _prune_site(site: Site, adapter: Adapter, block: nn.Module, stats: SiteStati
         damping=cfg.damping, shrinkage=shrinkage_for(cfg, stats), bias_shift=bias_shift, partition=site.partition,
         per_class=site.per_class,
         prior=weight.to(stats.gram) if cfg.damp_to_original else None, seed=cfg.seed + block_index, site=site.name,
+        selection_error=selection_error_for(cfg, stats),
     )
     kept_columns = sel.kept_columns.to(weight.device)
     untouched = reconstruction_error(stats, sel.kept_columns, weight.to(stats.gram)[:, kept_columns])
