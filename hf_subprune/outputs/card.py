@@ -164,6 +164,7 @@ def build_card(report: dict, plots: list[dict] | None = None, file_size: dict | 
                 ("budget", cfg["budget"]), ("sparsity", cfg["sparsity"]), ("mlp sparsity", cfg["mlp_sparsity"]),
                 ("attention sparsity", cfg["attention_sparsity"]), ("attention mode", cfg["attention_mode"]),
                 ("damping", cfg["damping"]), ("token weights", cfg.get("token_weights", "none")),
+                ("selection error", cfg.get("selection_error", "refit")),
                 ("seed", cfg["seed"]),
                 ("calibration data", f"{cal['source']} ({_shape(cal)}{_synthetic(cal)}, fingerprint "
                                      f"`{cal['fingerprint']}`)"),
