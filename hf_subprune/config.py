@@ -132,8 +132,8 @@ class PruneConfig:
         "What the greedy selection minimises. refit: the error left after refitting the kept channels (the "
         "paper's gains). original: the error of the kept channels with their original weights (LayerGreedyFS's "
         "criterion), the refit coming after the choice. auto (default): original where a site saw fewer "
-        "calibration tokens than it has input columns, refit elsewhere. With a singular sample covariance the "
-        "refit-aware gains credit compensations that a few tokens cannot pin down, and the choice overfits "
+        "calibration tokens than a quarter of its input columns, refit elsewhere. With so few tokens the "
+        "refit-aware gains credit compensations that the tokens cannot pin down, and the choice overfits "
         "them; the refit itself stays damped towards the original weights.",
         "auto",
     )

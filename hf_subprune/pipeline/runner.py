@@ -60,12 +60,19 @@ def shrinkage_for(cfg: PruneConfig, stats: SiteStatistics) -> float:
     return auto_shrinkage(stats) if cfg.shrinkage is None else cfg.shrinkage
 
 
+FEW_TOKENS_PER_COLUMN = 0.25
+"""``selection_error="auto"`` chooses on the original columns below this many calibration tokens per input column.
+Below one the sample covariance is singular; at a third (SmolLM2, 512 tokens for 1536 MLP columns) the original
+columns' error still traded the other domains for the calibration's (3-6% worse there, 4% better in it); at a
+sixth and below (the MiniLM classifier, 4-16 sentences) it won (``benchmarks/results/minilm_exp.md``)."""
+
+
 def selection_error_for(cfg: PruneConfig, stats: SiteStatistics) -> str:
-    """The configured selection error, or the automatic one: the original columns' error where the site saw fewer
-    tokens than it has input columns (a singular sample covariance), the refit's elsewhere."""
+    """The configured selection error, or the automatic one: the original columns' error where the site saw far
+    fewer tokens than it has input columns (``FEW_TOKENS_PER_COLUMN``), the refit's elsewhere."""
     if cfg.selection_error != "auto":
         return cfg.selection_error
-    return "original" if float(stats.tokens) < stats.in_features else "refit"
+    return "original" if float(stats.tokens) < FEW_TOKENS_PER_COLUMN * stats.in_features else "refit"
 
 
 def _prune_site(site: Site, adapter: Adapter, block: nn.Module, stats: SiteStatistics, cfg: PruneConfig,
