@@ -1,12 +1,14 @@
 """Distillation recovery against its learning rate and steps: SmolLM2-135M pruned by the default at 20% (or
---sparsity) from 32 x 512 WikiText-2 valid tokens (seed 0), then a full fine-tune on the KL from the dense model over those same
-calibration sequences (batches of 4), as ``bench_recovery.py`` runs its "full, calibration, distillation" row.
+--sparsity) from 32 x 512 WikiText-2 valid tokens (seed 0), then a full fine-tune on the KL from the dense model
+over those same calibration sequences (batches of 4), as ``bench_recovery.py`` runs its "full, calibration,
+distillation" row.
 The reference is the dense model itself (distilled from itself it stays where it is).
 
     python benchmarks/bench_distill_lr.py --runs 2e-5:16,1e-4:16,5e-4:16,2e-4:48,2e-4:64
 
 Each finished run is appended to benchmarks/results/recovery_distill_lr.jsonl (rerunning skips those there) and the
-table rewritten to recovery_distill_lr.md; another sparsity than 20% writes recovery_distill_lr_<percent>.{jsonl,md}. --data points at the shared data folder (default ../shared/data).
+table rewritten to recovery_distill_lr.md; another sparsity than 20% writes recovery_distill_lr_<percent>.{jsonl,md}.
+--data points at the shared data folder (default ../shared/data).
 """
 
 from __future__ import annotations

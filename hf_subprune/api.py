@@ -15,7 +15,7 @@ from torch import nn
 
 from .adapters import auto_class_for, get_adapter
 from .checks import check_model, check_run
-from .calibration import check_attention_mask, fingerprint, load_texts, shard, text_samples, token_blocks
+from .calibration import check_attention_mask, draw_samples, fingerprint, load_texts, shard
 from .config import PruneConfig
 from .distributed import compute_device, process_state
 from .logs import get_logger
@@ -320,12 +320,8 @@ def prune(
             raise ValueError("prune needs a tokenizer to turn the calibration text into tokens (or input_ids)")
         texts = load_texts(calibration, text_column=text_column, dataset_config=dataset_config, split=split,
                            streaming=streaming, max_texts=config.num_samples * 64 if streaming else None)
-        if adapter.causal_lm:
-            input_ids = token_blocks(texts, tokenizer, config.num_samples, config.seq_len, seed=config.seed)
-        else:
-            input_ids, attention_mask = text_samples(texts, tokenizer, config.num_samples, config.seq_len,
-                                                     seed=config.seed)
-            attention_mask = check_attention_mask(input_ids, attention_mask)
+        input_ids, attention_mask = draw_samples(texts, tokenizer, config.num_samples, config.seq_len,
+                                                 seed=config.seed, causal=adapter.causal_lm)
     real_samples = len(input_ids)
     input_ids, synthetic, synthetic_notes = _add_synthetic(model, input_ids, config, adapter.causal_lm,
                                                            padded=attention_mask is not None)

@@ -12,12 +12,12 @@ import csv
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
 __all__ = ["CalibrationError", "builtin_text", "load_texts", "load_labelled", "token_blocks", "text_samples",
-           "check_attention_mask", "fingerprint", "shard"]
+           "pad_right", "draw_samples", "check_attention_mask", "fingerprint", "shard"]
 
 TEXT_COLUMNS = ("text", "sentence", "content", "document", "question", "prompt")
 LABEL_COLUMNS = ("label", "labels", "class", "target")
@@ -347,14 +347,26 @@ def text_samples(
     gen = torch.Generator().manual_seed(seed)
     picked = torch.randperm(len(pieces), generator=gen)[:num_samples].sort().values.tolist()
     rows = [[tokenizer.cls_token_id, *pieces[i], tokenizer.sep_token_id] for i in picked]
-    width = max(map(len, rows))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, : len(row)] = 1
+    return pad_right(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+
+def pad_right(rows: Sequence[Sequence[int] | torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as one right-padded tensor and its attention mask (1 real, 0 padding)."""
+    lengths = torch.tensor([len(row) for row in rows])
+    attention_mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).long()
+    input_ids = torch.full(attention_mask.shape, pad, dtype=torch.long)
+    input_ids[attention_mask.bool()] = torch.cat([torch.as_tensor(row, dtype=torch.long) for row in rows])
     return input_ids, attention_mask
+
+
+def draw_samples(texts: Iterable[str], tokenizer, num_samples: int, seq_len: int, *, seed: int,
+                 causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The calibration samples ``prune`` draws from text, as the model reads text: packed windows for a causal LM
+    (``token_blocks``), one text per sample for an encoder (``text_samples``); the mask is None without padding."""
+    if causal:
+        return token_blocks(texts, tokenizer, num_samples, seq_len, seed=seed), None
+    input_ids, attention_mask = text_samples(texts, tokenizer, num_samples, seq_len, seed=seed)
+    return input_ids, None if attention_mask.all() else attention_mask
 
 
 def check_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:

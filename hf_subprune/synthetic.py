@@ -41,7 +41,7 @@ def synthetic_count(asked: int | None, real: int, *, seq_len: int, generative: b
     want to know. ``asked`` None: top up to ``AUTO_TARGET`` sequences when the real ones hold fewer than
     ``AUTO_BELOW_TOKENS`` tokens and the model can write them in memory. Padded samples (an attention mask)
     are not continued: their prompts would run into the padding."""
-    if padded and (asked or (asked is None and generative)):
+    if padded:
         if asked:
             raise SyntheticError(f"synthetic_samples={asked}: the calibration samples are padded (attention_mask), "
                                  "and the model continues unpadded ones only; give full-length samples or set "

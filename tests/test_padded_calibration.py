@@ -127,9 +127,10 @@ def test_encoders_calibrate_from_text_one_per_sample(tokenizer, tmp_path):
     assert calibration["fingerprint"] == fingerprint(ids, mask) != fingerprint(ids)
     assert torch.equal(result.attention_mask, mask)
     out = result.save(tmp_path / "pruned")
-    from hf_subprune.outputs.export import load_calibration_ids, load_calibration_mask
+    from hf_subprune.outputs.export import load_calibration
 
-    assert torch.equal(load_calibration_ids(out), ids) and torch.equal(load_calibration_mask(out), mask)
+    stored_ids, stored_mask = load_calibration(out)
+    assert torch.equal(stored_ids, ids) and torch.equal(stored_mask, mask)
     assert json.loads((out / "subprune_report.json").read_text())["calibration"]["tokens"] == int(mask.sum())
     assert f"8 texts of up to {ids.shape[1]} tokens, one per sample, {int(mask.sum())} tokens" in (
         out / "README.md").read_text()

@@ -25,13 +25,13 @@ from torch import nn
 
 from ..adapters import auto_class_for, get_adapter
 from ..api import Evaluator, PruneResult, _evaluation, _measure
-from ..calibration import fingerprint, load_labelled, load_texts, text_samples, token_blocks
+from ..calibration import draw_samples, fingerprint, load_labelled, load_texts, token_blocks
 from ..checks import check_device
 from ..config import PruneConfig
 from ..evaluation import BUILTIN_HELDOUT, AccuracyEvaluator, PerplexityEvaluator
 from ..files import REPORT_FILE
 from ..logs import get_logger
-from ..outputs.export import check_output_folder, load_calibration_ids, load_calibration_mask, save_pruned
+from ..outputs.export import check_output_folder, load_calibration, save_pruned
 
 __all__ = ["RecoveryConfig", "RecoveryResult", "recover", "finetune", "lm_examples", "classification_examples",
            "training_device"]
@@ -137,7 +137,7 @@ def _calibration_blocks(source: PruneResult | Path, report: dict, tokenizer,
     if isinstance(source, PruneResult):
         ids, mask = source.input_ids, source.attention_mask
     else:
-        ids, mask = load_calibration_ids(source), load_calibration_mask(source)
+        ids, mask = load_calibration(source)
     if ids is None:
         origin = str(recorded.get("source", ""))
         path = None if origin.startswith("builtin") else Path(origin)
@@ -145,10 +145,8 @@ def _calibration_blocks(source: PruneResult | Path, report: dict, tokenizer,
             raise ValueError(f"data 'calibration': the pruned model keeps no calibration tokens, and its calibration "
                              f"source {origin!r} cannot be read again here; give the data file instead (--data FILE)")
         cfg = report["config"]
-        if causal:
-            ids = token_blocks(load_texts(path), tokenizer, cfg["num_samples"], cfg["seq_len"], seed=cfg["seed"])
-        else:
-            ids, mask = text_samples(load_texts(path), tokenizer, cfg["num_samples"], cfg["seq_len"], seed=cfg["seed"])
+        ids, mask = draw_samples(load_texts(path), tokenizer, cfg["num_samples"], cfg["seq_len"], seed=cfg["seed"],
+                                 causal=causal)
     found = fingerprint(ids, mask)
     if found != recorded["fingerprint"]:
         raise ValueError(f"data 'calibration': the calibration tokens found have fingerprint {found}, the "
@@ -562,8 +560,8 @@ def recover(
         attention_mask = folder_or_result.attention_mask
     else:
         model, tokenizer = _load_pruned(source, report, dtype)
-        prune_config, input_ids = PruneConfig.from_pretrained(source), load_calibration_ids(source)
-        attention_mask = load_calibration_mask(source)
+        prune_config = PruneConfig.from_pretrained(source)
+        input_ids, attention_mask = load_calibration(source)
     if tokenizer is None:
         raise ValueError("recovery needs the pruned model's tokenizer")
     examples, data_info = _training_data(data, model, tokenizer, report, source, config, text_column, label_column)

@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 
 from ..adapters import get_adapter
 from ..api import PruneResult, count_parameters, prune
+from ..calibration import pad_right
 from ..config import PruneConfig
 from ..files import REPORT_FILE
 from ..logs import get_logger
@@ -252,11 +253,7 @@ def train_text_calibration(dataloader, num_samples: int, seq_len: int,
     if len(rows) < num_samples:
         logger.warning(f"the train dataset gives {len(rows)} calibration samples, not num_samples={num_samples}: "
                        "calibrating on those")
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)], mask[i, : len(row)] = row, 1
+    ids, mask = pad_right(rows)
     return ids, mask, _source(masked, "one per sample")
 
 

@@ -25,7 +25,7 @@ from .heterogeneous import needs_heterogeneous, write_heterogeneous
 from .shards import DEFAULT_MAX_SHARD_SIZE, save_lazy
 
 __all__ = ["ExportCheckError", "check_output_folder", "save_pruned", "check_reload", "save_calibration_ids",
-           "load_calibration_ids", "load_calibration_mask"]
+           "load_calibration", "load_calibration_ids"]
 
 
 class ExportCheckError(RuntimeError):
@@ -178,20 +178,21 @@ def save_calibration_ids(input_ids: torch.Tensor, folder: Path, attention_mask: 
     return path
 
 
+def load_calibration(folder: Path) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The calibration tokens a save stored and their attention mask (None when unpadded); (None, None) when the
+    folder has none."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / CALIBRATION_FILE
+    if not path.is_file():
+        return None, None
+    stored = load_file(str(path))
+    return stored["input_ids"], stored.get("attention_mask")
+
+
 def load_calibration_ids(folder: Path) -> torch.Tensor | None:
     """The calibration tokens a save stored, or None when the folder has none."""
-    from safetensors.torch import load_file
-
-    path = Path(folder) / CALIBRATION_FILE
-    return load_file(str(path))["input_ids"] if path.is_file() else None
-
-
-def load_calibration_mask(folder: Path) -> torch.Tensor | None:
-    """The attention mask of the stored calibration tokens, or None when they are unpadded (or not stored)."""
-    from safetensors.torch import load_file
-
-    path = Path(folder) / CALIBRATION_FILE
-    return load_file(str(path)).get("attention_mask") if path.is_file() else None
+    return load_calibration(folder)[0]
 
 
 _log = get_logger(__name__)
