@@ -343,3 +343,36 @@ def test_classifier_distils_on_its_padded_calibration(classifier, tmp_path):
     again = recover(pruned, "calibration", distill=True, teacher=str(data.parent / "base"), max_steps=1,
                     batch_size=6, progress=False)
     assert again.recovery["data"]["fingerprint"] == recorded["fingerprint"]
+
+
+def test_distillation_on_sequences_the_teacher_writes(pruned_dirs, base_dir, tmp_path):
+    """``teacher_samples``: the teacher continues 8-token prompts cut from the calibration blocks, seeded; the
+    written sequences join the training data (one epoch covers them), and report and card say so."""
+    from hf_subprune.integrations.recovery import _teacher_written, lm_examples
+
+    pruned = pruned_dirs["stock"]
+    out = tmp_path / "recovered"
+    result = recover(pruned, "calibration", distill=True, teacher_samples=4, epochs=1, batch_size=4, lr=1e-3,
+                     output=out, progress=False)
+    recovery = result.recovery
+    written = recovery["data"]["teacher_written"]
+    assert written["num_samples"] == 4 and written["seq_len"] == 32 and written["prompt_tokens"] == 8
+    assert recovery["steps"] == 3 and recovery["tokens"] == (8 + 4) * 32  # 8 calibration blocks + 4 written
+    assert "the teacher wrote from 8-token prompts" in (out / "README.md").read_text()
+
+    ids = load_calibration_ids(pruned)
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    config = RecoveryConfig(distill=True, teacher_samples=4)
+    examples, info = _teacher_written(teacher, lm_examples(ids), config)
+    assert info["fingerprint"] == written["fingerprint"]  # seeded: the same sequences again
+    prompts = [row["input_ids"][:8] for row in examples]
+    windows = {tuple(r[i : i + 8].tolist()) for r in ids for i in range(ids.shape[1] - 7)}
+    assert all(tuple(p.tolist()) in windows for p in prompts)
+    assert not all(torch.equal(row["input_ids"], ids[i % len(ids)]) for i, row in enumerate(examples))
+
+
+def test_teacher_samples_need_distillation():
+    with pytest.raises(ValueError, match="--distill"):
+        RecoveryConfig(teacher_samples=4)
+    with pytest.raises(ValueError, match="0 or more"):
+        RecoveryConfig(distill=True, teacher_samples=-1)

@@ -59,6 +59,7 @@ class RecoveryConfig:
     distill: bool = False
     teacher: str | None = None  # default: the report's base model
     distill_weight: float = 1.0  # the KL term's share of the loss; the rest is the model's own loss
+    teacher_samples: int = 0  # with distill: sequences the teacher writes from prompts of the data, added to it
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -81,6 +82,11 @@ class RecoveryConfig:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
         if self.teacher is not None and not self.distill:
             raise ValueError("a teacher (--teacher) is only used with distill (--distill)")
+        if not isinstance(self.teacher_samples, int) or self.teacher_samples < 0:
+            raise ValueError(f"teacher_samples must be a whole number of 0 or more, got {self.teacher_samples!r}")
+        if self.teacher_samples and not self.distill:
+            raise ValueError("teacher_samples (--teacher-samples) are written by the teacher for distillation: "
+                             "add distill (--distill)")
 
     @property
     def learning_rate(self) -> float:
@@ -207,6 +213,37 @@ def _training_data(data: Any, model: nn.Module, tokenizer, report: dict, source:
         ids = token_blocks(texts, tokenizer, num, seq_len, seed=config.seed)
         name = str(data) if isinstance(data, (str, Path)) else type(data).__name__
     return lm_examples(ids), _blocks_info(name, ids)
+
+
+def _teacher_written(teacher: nn.Module, examples: list[dict], config: RecoveryConfig) -> tuple[list, dict]:
+    """``config.teacher_samples`` sequences the teacher writes, each continuing a short prompt cut from the
+    training blocks (``synthetic.self_generated``: nucleus sampling, seeded), as next-token examples, and what the
+    report says about them.
+
+    Why: a few calibration blocks fit in a few epochs, and the student then matches the teacher there and not
+    elsewhere. Text the teacher writes itself is its own distribution, where the KL is what matters, and costs no
+    data: only the prompts come from the blocks."""
+    from ..synthetic import PROMPT_TOKENS, TOP_P, SyntheticError, self_generated
+
+    if not get_adapter(teacher.config).causal_lm or not hasattr(teacher, "generate"):
+        raise ValueError("teacher_samples: the teacher cannot write text (it is not a causal language model); "
+                         "set teacher_samples=0")
+    if any("attention_mask" in e or not isinstance(e["input_ids"], torch.Tensor) for e in examples):
+        raise ValueError("teacher_samples: the training samples are padded, and the teacher continues unpadded "
+                         "blocks only; train on full-length blocks or set teacher_samples=0")
+    blocks = torch.stack([e["input_ids"] for e in examples])
+    if blocks.shape[1] <= PROMPT_TOKENS:
+        raise ValueError(f"teacher_samples: the teacher continues prompts of {PROMPT_TOKENS} tokens, so the blocks "
+                         f"must be longer than that (they are {blocks.shape[1]})")
+    start = time.perf_counter()
+    try:
+        written = self_generated(teacher, blocks, config.teacher_samples, seed=config.seed)
+    except SyntheticError as e:
+        raise ValueError(f"teacher_samples: {e}") from None
+    info = {"num_samples": int(written.shape[0]), "seq_len": int(written.shape[1]), "tokens": int(written.numel()),
+            "prompt_tokens": PROMPT_TOKENS, "top_p": TOP_P, "fingerprint": fingerprint(written),
+            "seconds": time.perf_counter() - start}
+    return lm_examples(written), info
 
 
 # --- training -----------------------------------------------------------------------------------------------------
@@ -513,6 +550,7 @@ def recover(
     batch_size: int = 4,
     lora_dropout: float = 0.0,
     distill_weight: float = 1.0,
+    teacher_samples: int = 0,
     seed: int = 0,
     evaluate: Evaluator | None = None,
     eval_text: str | Path | None = None,
@@ -537,6 +575,8 @@ def recover(
         distill / teacher / distill_weight: KL divergence from the teacher's distribution (a name or path for
             ``load_model``, or a model; default the report's base model), mixed with the model's own loss with
             weight ``1 - distill_weight``.
+        teacher_samples: with ``distill``, this many more sequences for a causal LM, written by the teacher from
+            8-token prompts of the data (``_teacher_written``): label-free text beyond the few samples.
         evaluate / eval_text / eval_data: the quality measure before and after (default: the prune report's own
             perplexity protocol, when its text can be read again).
     """
@@ -544,7 +584,7 @@ def recover(
                             max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size, seq_len=seq_len,
                             num_samples=num_samples, distill=distill,
                             teacher=teacher if isinstance(teacher, str) or teacher is None else type(teacher).__name__,
-                            distill_weight=distill_weight, seed=seed)
+                            distill_weight=distill_weight, teacher_samples=teacher_samples, seed=seed)
     training_device(device)  # every check that needs no model comes before loading one
     in_memory = isinstance(folder_or_result, PruneResult)
     source: PruneResult | Path = folder_or_result if in_memory else Path(folder_or_result)
@@ -575,6 +615,9 @@ def recover(
             if not teacher_name:
                 raise ValueError("distill: the report records no base model; name the teacher (--teacher)")
             teacher_model = _load_teacher(teacher_name, model, dtype)
+    if config.teacher_samples:
+        written, data_info["teacher_written"] = _teacher_written(teacher_model, examples, config)
+        examples = examples + written
     measure = evaluate or _evaluator(model, tokenizer, report, eval_text, eval_data, text_column, label_column)
     model.to(training_device(device))
     before = _measure(measure, model)

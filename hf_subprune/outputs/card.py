@@ -63,12 +63,22 @@ def _recovery(report: dict) -> dict | None:
                  f"{distill['temperature']:g}" + (f", weight {distill['kl_weight']:g} with the model's own loss)"
                                                   if distill["kl_weight"] < 1 else ")")
                  if distill else ("cross-entropy on the labels" if data.get("labelled") else "next-token loss")),
-        "data": f"{source} ({size}, fingerprint `{data['fingerprint']}`)",
+        "data": f"{source} ({size}, fingerprint `{data['fingerprint']}`)" + _teacher_written(data),
         "steps": recovery["steps"], "tokens": f"{recovery['tokens']:,}", "seconds": f"{recovery['seconds']:.1f}",
         "learning_rate": f"{recovery['learning_rate']:g}", "batch_size": recovery["batch_size"],
         "rows": _evaluation_rows(recovery.get("evaluation", {})),
         "protocol": _protocol_text(protocols[0]) if protocols else None,
     }
+
+
+def _teacher_written(data: dict) -> str:
+    """The data line's note on sequences the teacher wrote for distillation (``recover(teacher_samples=N)``)."""
+    written = data.get("teacher_written")
+    if not written:
+        return ""
+    return (f", and {written['num_samples']} x {written['seq_len']} tokens the teacher wrote from "
+            f"{written['prompt_tokens']}-token prompts of them (nucleus {written['top_p']:g}, fingerprint "
+            f"`{written['fingerprint']}`)")
 
 
 def _shape(calibration: dict) -> str:
