@@ -805,3 +805,22 @@ def test_strong_shrinkage_ranks_columns_by_their_own_energy_and_keeps_the_weight
     torch.testing.assert_close(sel.weight, w[:, sel.kept_columns], rtol=1e-4, atol=1e-6)
     # Without shrinkage the greedy exploits the correlations and keeps another set.
     assert sorted(greedy_select(stats, 8, damping=0.0, bias_shift=False, prior=w).kept) != sorted(sel.kept)
+
+
+@pytest.mark.parametrize("bias_shift", [True, False])
+def test_damped_gram_is_built_by_panels_from_the_raw_statistics(bias_shift):
+    """The problem keeps no d x d gram of its own: panels of rows (two panels here) and the kept columns' block
+    are centred and damped from the raw sums, and must equal the whole centred gram plus the ridge."""
+    from hf_subprune.maths.selection import _problem
+
+    torch.manual_seed(0)
+    d = 300
+    x = torch.randn(400, d) * 0.5 + 3.0  # large means: centring cancels
+    stats = SiteStatistics.from_activations(x, x[:, :7])
+    prob = _problem(stats, bias_shift, torch.float64, damping=1e-3, prior=None, shrinkage=0.5)
+    gram = stats.centred()[0] if bias_shift else stats.gram
+    expected = gram + torch.diag(prob.lam_exact)
+    assert torch.allclose(prob.gram(torch.float64), expected, rtol=1e-12, atol=1e-9)
+    cols = torch.tensor([250, 3, 17, 299])
+    assert torch.allclose(prob.sub_gram(cols), expected[cols][:, cols], rtol=1e-12, atol=1e-9)
+    assert torch.equal(prob.to(torch.float32).gram(torch.float32), prob.gram(torch.float64).float())

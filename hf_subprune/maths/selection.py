@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -251,11 +251,6 @@ def _dependence_tol(dtype: torch.dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 1e-5
 
 
-def _damping(gram: torch.Tensor, damping: float) -> float:
-    diag = gram.diagonal()
-    return float(damping * diag.mean().clamp_min(0)) if diag.numel() else 0.0
-
-
 def _jittered_cholesky(a: torch.Tensor) -> torch.Tensor:
     """Cholesky factor of a (batch of) symmetric PSD matrices, adding the least jitter that makes it work.
 
@@ -284,24 +279,65 @@ def _jittered_cholesky(a: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Problem:
-    """The centred (or raw) statistics in the solve dtype, with the ridge already folded in."""
+    """The damped (and, for the intercept, centred) least-squares problem of a site.
 
-    stats: SiteStatistics
-    gram: torch.Tensor  # G + diag(lambda)
-    cross: torch.Tensor  # C (+ diag(lambda) W^T with a prior)
+    The d x d gram is not stored: the greedy writes ``G + diag(lambda)`` straight into its own state
+    (``gram_into``) and a fit takes the kept columns' block (``sub_gram``), both from the raw statistics, centred
+    and damped in the statistics' dtype there. At an MLP site of a 1B model (d = 5632) each d x d float64 copy is
+    254 MB, and the greedy's state already holds two.
+    """
+
+    stats: SiteStatistics  # in the exact dtype (the statistics' dtype, at least the solve's)
+    mean: torch.Tensor | None  # the inputs' token mean (centred problem), in the exact dtype
+    cross: torch.Tensor  # C (+ diag(lambda) W^T with a prior), in the solve dtype
     target_sq: float  # s (+ sum_j lambda_j ||W_j||^2 with a prior)
-    lam: torch.Tensor  # per-column ridge lambda_j (d)
-    own: torch.Tensor  # undamped diagonal of G, to tell dead or dependent columns
+    lam: torch.Tensor  # per-column ridge lambda_j (d), in the solve dtype
+    own: torch.Tensor  # undamped diagonal of G, to tell dead or dependent columns, in the solve dtype
+    lam_exact: torch.Tensor  # lambda in the exact dtype, where the gram is damped
 
     def to(self, dtype: torch.dtype) -> "_Problem":
-        """The same problem for a solve in ``dtype``. Centring and ridge were done in the statistics' dtype,
-        so a float32 copy only rounds each damped entry (by 6e-8 of it): a perturbation of the order of 6e-8 of
-        the largest variance, well below a ridge of more than ~1e-5 of the diagonal, which bounds how far the
+        """The same problem for a solve in ``dtype``. Centring and ridge are done in the exact dtype before any
+        cast, so a float32 gram only rounds each damped entry (by 6e-8 of it): a perturbation of the order of 6e-8
+        of the largest variance, well below a ridge of more than ~1e-5 of the diagonal, which bounds how far the
         residual variances of the greedy can move. ``greedy_select`` checks the outcome rather than assume it."""
-        if dtype == self.gram.dtype:
+        if dtype == self.cross.dtype:
             return self
-        return _Problem(self.stats, self.gram.to(dtype), self.cross.to(dtype), self.target_sq, self.lam.to(dtype),
-                        self.own.to(dtype))
+        return _Problem(self.stats, self.mean, self.cross.to(dtype), self.target_sq, self.lam.to(dtype),
+                        self.own.to(dtype), self.lam_exact)
+
+    @property
+    def dim(self) -> int:
+        return self.stats.in_features
+
+    @property
+    def device(self) -> torch.device:
+        return self.stats.gram.device
+
+    def gram_into(self, out: torch.Tensor, panel: int = 256) -> torch.Tensor:
+        """Write ``G + diag(lambda)`` into ``out`` (d x d, any float dtype), a panel of rows at a time centred and
+        damped in the exact dtype, so that the only temporary is one panel."""
+        gram, d = self.stats.gram, self.dim
+        n = float(self.stats.count.clamp_min(1))
+        for lo in range(0, d, panel):
+            hi = min(d, lo + panel)
+            rows = gram[lo:hi].clone() if self.mean is None else torch.addr(gram[lo:hi], self.mean[lo:hi],
+                                                                            self.mean, alpha=-n)
+            rows[:, lo:hi].diagonal().add_(self.lam_exact[lo:hi])
+            out[lo:hi].copy_(rows)
+        return out
+
+    def gram(self, dtype: torch.dtype) -> torch.Tensor:
+        """``G + diag(lambda)`` as a new d x d tensor in ``dtype``."""
+        return self.gram_into(torch.empty(self.dim, self.dim, dtype=dtype, device=self.device))
+
+    def sub_gram(self, cols: torch.Tensor) -> torch.Tensor:
+        """``G_SS + diag(lambda_S)`` of the columns ``cols`` (in their order), in the exact dtype."""
+        block = self.stats.gram.index_select(0, cols).index_select(1, cols)
+        if self.mean is not None:
+            m = self.mean[cols]
+            block.addr_(m, m, alpha=-float(self.stats.count.clamp_min(1)))
+        block.diagonal().add_(self.lam_exact[cols])
+        return block
 
 
 def _problem(stats: SiteStatistics, bias_shift: bool, dtype: torch.dtype, damping: float,
@@ -322,19 +358,27 @@ def _problem(stats: SiteStatistics, bias_shift: bool, dtype: torch.dtype, dampin
     weights rather than shrinking them.
 
     Centring subtracts ``n mean mean^T`` from the raw sums, which cancels badly where the means are large: it is
-    done in the wider of the statistics' dtype and ``dtype``, and only the damped result is cast to ``dtype``.
+    done in the wider of the statistics' dtype and ``dtype`` (the gram's entries as they are needed, see
+    ``_Problem``), and only the damped result is cast to ``dtype``.
     """
     stats = stats.to(dtype=torch.promote_types(stats.gram.dtype, dtype))
-    gram, cross, target_sq = stats.centred() if bias_shift else (stats.gram, stats.cross, stats.target_sq)
-    own = gram.diagonal().clone()
-    lam = _damping(gram, damping) + shrinkage * own.clamp_min(0)
-    gram = gram.clone() if gram is stats.gram else gram
-    gram.diagonal().add_(lam)
+    n = stats.count.clamp_min(1)
+    if bias_shift:
+        mean, my = stats.input_sum / n, stats.target_sum / n
+        own = stats.gram.diagonal() - n * mean.square()
+        cross = torch.addr(stats.cross, mean, my, alpha=-float(n))
+        target_sq = stats.target_sq - n * my.square().sum()
+    else:
+        mean, own = None, stats.gram.diagonal().clone()
+        cross, target_sq = stats.cross, stats.target_sq
+    lam = float(damping * own.mean().clamp_min(0)) if own.numel() else 0.0
+    lam = lam + shrinkage * own.clamp_min(0)
     if prior is not None and bool((lam > 0).any()):
         w = prior.to(cross)
-        cross = torch.addcmul(cross, lam[:, None], w.T)
+        # In place on the centred copy (a d x m term: 88 MB in float64 at d = 5632, m = 2048), never on the stats.
+        cross = cross.addcmul_(lam[:, None], w.T) if bias_shift else torch.addcmul(cross, lam[:, None], w.T)
         target_sq = target_sq + (lam * w.square().sum(0)).sum()
-    return _Problem(stats, gram, cross, float(target_sq), lam, own).to(dtype)
+    return _Problem(stats, mean, cross, float(target_sq), lam, own, lam).to(dtype)
 
 
 def auto_shrinkage(stats: SiteStatistics) -> float:
@@ -368,7 +412,7 @@ def _fit(prob: _Problem, cols: torch.Tensor, bias_shift: bool) -> _Fit:
     if cols.numel() == 0:
         shift = target_sum / n if bias_shift else cross.new_zeros(m)
         return _Fit(cross.new_zeros(m, 0), shift, target_sq, torch.zeros(0, dtype=torch.float64), {"rank": 0})
-    factor = _jittered_cholesky(prob.gram.index_select(0, cols).index_select(1, cols))
+    factor = _jittered_cholesky(prob.sub_gram(cols).to(cross.dtype))
     # Right-hand solves on the m x |S| transposes: the same products, about twice as fast in CPU LAPACK.
     whitened_t = torch.linalg.solve_triangular(factor.T, cross[cols].T, upper=True, left=False)  # U^T
     weight = torch.linalg.solve_triangular(factor, whitened_t, upper=False, left=False)  # m x |S|, cols' order
@@ -411,7 +455,7 @@ def refit(
     """
     stats.check_finite(site)
     prob = _problem(stats, bias_shift, dtype or stats.gram.dtype, damping, prior, shrinkage)
-    cols = torch.as_tensor(kept_columns, dtype=torch.long, device=prob.gram.device).sort().values
+    cols = torch.as_tensor(kept_columns, dtype=torch.long, device=prob.device).sort().values
     fit = _fit(prob, cols, bias_shift)
     return fit.weight, fit.bias_shift, fit.error, fit.diagnostics
 
@@ -511,7 +555,8 @@ def _symmetric_product(x: torch.Tensor, out: torch.Tensor, panels: int = 8) -> N
         out[:lo, lo:hi] = out[lo:hi, :lo].T
 
 
-def _greedy_neurons(gram, cross, lam: torch.Tensor, own: torch.Tensor, k: int, picker: _Picker, tol: float) -> _Run:
+def _greedy_neurons(gram_into: Callable[[torch.Tensor], object], cross, lam: torch.Tensor, own: torch.Tensor, k: int,
+                    picker: _Picker, tol: float) -> _Run:
     """Single-column groups, right-looking and blocked.
 
     The state is the residual gram ``G_r = G - F F^T`` and ``H_r = C_r C_r^T`` (``C_r = C - F U``, the cross
@@ -521,13 +566,14 @@ def _greedy_neurons(gram, cross, lam: torch.Tensor, own: torch.Tensor, k: int, p
     rows instead of C (d x m) and F (d x s). Rows are read as of the last block update and brought up to date
     by the (at most ``GREEDY_BLOCK``) picks since, whose ``q`` and ``C_r u`` are kept; every block ends with
     one rank-block update of the rows still in play (matrix products). Steps make no host sync; a block
-    makes one, to move the picked rows out of play.
+    makes one, to move the picked rows out of play. ``gram_into`` writes the damped gram into the state, which
+    is then the only d x d copy of it.
     """
     d, m = cross.shape
     dtype, device = cross.dtype, cross.device
     own = own.clamp_min(0)  # undamped: a dead column stays dead under the ridge
     rows = torch.empty(2, d, d, dtype=dtype, device=device)  # [G_r; H_r], rows permuted (``at``), columns not
-    rows[0] = gram
+    gram_into(rows[0])
     _symmetric_product(cross, out=rows[1])
     excess = own.clone()  # residual variance beyond the ridge: G_r[j, j] - lambda_j, without the cancellation
     norms = cross.square().sum(1)  # ||C_r[j]||^2
@@ -657,19 +703,22 @@ def _exact_float32_matmul():
 def _greedy(prob: _Problem, layout: GroupLayout, k: int, partition, per_class, tie_rtol: float) -> _Run:
     """The greedy in ``prob``'s dtype, in group-contiguous order (row p of every state tensor is column
     ``order[p]``)."""
-    gram, cross, dtype = prob.gram, prob.cross, prob.gram.dtype
-    device, d = gram.device, gram.shape[0]
+    cross, dtype, device, d = prob.cross, prob.cross.dtype, prob.device, prob.dim
     order = layout.columns.to(device).flatten()
     identity = bool(torch.equal(order, torch.arange(d, device=device)))
-    gram_p = gram if identity else gram.index_select(0, order).index_select(1, order)
     cross_p = cross if identity else cross.index_select(0, order)
     own = prob.own if identity else prob.own[order]
     lam = prob.lam if identity else prob.lam[order]
     picker = _Picker(layout.num_groups, partition, per_class, device, tie_rtol)
     tol = _dependence_tol(dtype)
     with _exact_float32_matmul():
+        if layout.group_size == 1 and identity:
+            return _greedy_neurons(prob.gram_into, cross_p, lam, own, k, picker, tol)
+        gram_p = prob.gram(dtype)
+        if not identity:
+            gram_p = gram_p.index_select(0, order).index_select(1, order)
         if layout.group_size == 1:
-            return _greedy_neurons(gram_p, cross_p, lam, own, k, picker, tol)
+            return _greedy_neurons(lambda out: out.copy_(gram_p), cross_p, lam, own, k, picker, tol)
         return _greedy_groups(gram_p, cross_p, own, k, layout.group_size, picker, tol)
 
 
@@ -755,7 +804,7 @@ def greedy_select(
     stats.check_finite(site)
     exact = dtype or torch.promote_types(stats.gram.dtype, torch.float32)
     prob = _problem(stats, bias_shift, exact, damping, prior, shrinkage)
-    d = prob.gram.shape[0]
+    d = prob.dim
     layout = GroupLayout.build(d, group_size, groups)
     k, partition = check_budget(k, layout, partition, per_class)
     r = layout.group_size
@@ -767,7 +816,7 @@ def greedy_select(
     else:
         work, reason = torch.float32, ""
     run = _greedy(prob.to(work), layout, k, partition, per_class, tie_rtol)
-    pick_order = layout.columns[run.kept].flatten().to(prob.gram.device)
+    pick_order = layout.columns[run.kept].flatten().to(prob.device)
     fit = _fit(prob, pick_order, bias_shift)
     checked = {}
     if dtype is None and work == torch.float32:
@@ -779,7 +828,7 @@ def greedy_select(
             work, reason = torch.float64, verdict
             prob = prob.to(torch.float64)
             run = _greedy(prob, layout, k, partition, per_class, tie_rtol)
-            pick_order = layout.columns[run.kept].flatten().to(prob.gram.device)
+            pick_order = layout.columns[run.kept].flatten().to(prob.device)
             fit = _fit(prob, pick_order, bias_shift)
 
     dependent_picks = int((~run.live).sum())
