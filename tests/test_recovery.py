@@ -376,3 +376,18 @@ def test_teacher_samples_need_distillation():
         RecoveryConfig(teacher_samples=4)
     with pytest.raises(ValueError, match="0 or more"):
         RecoveryConfig(distill=True, teacher_samples=-1)
+
+
+def test_teacher_samples_flag_reaches_recover():
+    """``--teacher-samples N`` on both verbs becomes ``recover(teacher_samples=N)``; unset, recover's default."""
+    from hf_subprune.cli import _recovery_settings, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["finetune", "DIR", "--data", "calibration", "--output", "OUT", "--distill",
+                              "--teacher-samples", "24"])
+    assert _recovery_settings(args) == {"distill": True, "teacher_samples": 24}
+    args = parser.parse_args(["prune", "smollm2", "--output", "OUT", "--finetune-steps", "4", "--distill",
+                              "--teacher-samples", "8"])
+    assert _recovery_settings(args)["teacher_samples"] == 8
+    args = parser.parse_args(["finetune", "DIR", "--data", "calibration", "--output", "OUT"])
+    assert "teacher_samples" not in _recovery_settings(args)
