@@ -36,28 +36,29 @@ class SyntheticError(ValueError):
 
 
 def synthetic_count(asked: int | None, real: int, *, seq_len: int, generative: bool,
-                    lazy: bool, padded: bool = False) -> tuple[int, str | None]:
+                    lazy: bool, padded: bool = False, option: str = "synthetic_samples") -> tuple[int, str | None]:
     """How many sequences to generate, and a note when the automatic choice made none for a reason the user may
     want to know. ``asked`` None: top up to ``AUTO_TARGET`` sequences when the real ones hold fewer than
     ``AUTO_BELOW_TOKENS`` tokens and the model can write them in memory. Padded samples (an attention mask)
-    are not continued: their prompts would run into the padding."""
+    are not continued: their prompts would run into the padding. ``option``: the setting the errors name
+    (recovery's ``teacher_samples`` asks for sequences the same way)."""
     if padded:
         if asked:
-            raise SyntheticError(f"synthetic_samples={asked}: the calibration samples are padded (attention_mask), "
+            raise SyntheticError(f"{option}={asked}: the calibration samples are padded (attention_mask), "
                                  "and the model continues unpadded ones only; give full-length samples or set "
-                                 "synthetic_samples=0")
+                                 f"{option}=0")
         return 0, None
     if asked is not None:
         if asked and seq_len <= PROMPT_TOKENS:
-            raise SyntheticError(f"synthetic_samples={asked}: the model continues prompts of {PROMPT_TOKENS} tokens, "
-                                 f"so seq_len must be longer than that (it is {seq_len}); or set synthetic_samples=0")
+            raise SyntheticError(f"{option}={asked}: the model continues prompts of {PROMPT_TOKENS} tokens, "
+                                 f"so seq_len must be longer than that (it is {seq_len}); or set {option}=0")
         if asked and not generative:
-            raise SyntheticError(f"synthetic_samples={asked}: this model cannot generate text (it is not a causal "
-                                 "language model); set synthetic_samples=0")
+            raise SyntheticError(f"{option}={asked}: this model cannot generate text (it is not a causal "
+                                 f"language model); set {option}=0")
         if asked and lazy:
-            raise SyntheticError(f"synthetic_samples={asked} needs the whole model in memory: a lazily loaded model "
+            raise SyntheticError(f"{option}={asked} needs the whole model in memory: a lazily loaded model "
                                  "reads every block from disk for every generated token. Load it whole (lazy=False, "
-                                 "CLI --no-lazy) or set synthetic_samples=0")
+                                 f"CLI --no-lazy) or set {option}=0")
         return asked, None
     wanted = max(0, AUTO_TARGET - real) if real * seq_len < AUTO_BELOW_TOKENS else 0
     if wanted == 0 or not generative or seq_len <= PROMPT_TOKENS:

@@ -223,23 +223,18 @@ def _teacher_written(teacher: nn.Module, examples: list[dict], config: RecoveryC
     Why: a few calibration blocks fit in a few epochs, and the student then matches the teacher there and not
     elsewhere. Text the teacher writes itself is its own distribution, where the KL is what matters, and costs no
     data: only the prompts come from the blocks."""
-    from ..synthetic import PROMPT_TOKENS, TOP_P, SyntheticError, self_generated
+    from ..synthetic import PROMPT_TOKENS, TOP_P, SyntheticError, self_generated, synthetic_count
 
-    if not get_adapter(teacher.config).causal_lm or not hasattr(teacher, "generate"):
-        raise ValueError("teacher_samples: the teacher cannot write text (it is not a causal language model); "
-                         "set teacher_samples=0")
-    if any("attention_mask" in e or not isinstance(e["input_ids"], torch.Tensor) for e in examples):
-        raise ValueError("teacher_samples: the training samples are padded, and the teacher continues unpadded "
-                         "blocks only; train on full-length blocks or set teacher_samples=0")
-    blocks = torch.stack([e["input_ids"] for e in examples])
-    if blocks.shape[1] <= PROMPT_TOKENS:
-        raise ValueError(f"teacher_samples: the teacher continues prompts of {PROMPT_TOKENS} tokens, so the blocks "
-                         f"must be longer than that (they are {blocks.shape[1]})")
+    padded = any("attention_mask" in e or not isinstance(e["input_ids"], torch.Tensor) for e in examples)
     start = time.perf_counter()
     try:
-        written = self_generated(teacher, blocks, config.teacher_samples, seed=config.seed)
+        synthetic_count(config.teacher_samples, len(examples), seq_len=len(examples[0]["input_ids"]),
+                        generative=get_adapter(teacher.config).causal_lm and hasattr(teacher, "generate"),
+                        lazy=False, padded=padded, option="teacher_samples")
+        written = self_generated(teacher, torch.stack([e["input_ids"] for e in examples]), config.teacher_samples,
+                                 seed=config.seed)
     except SyntheticError as e:
-        raise ValueError(f"teacher_samples: {e}") from None
+        raise ValueError(str(e)) from None
     info = {"num_samples": int(written.shape[0]), "seq_len": int(written.shape[1]), "tokens": int(written.numel()),
             "prompt_tokens": PROMPT_TOKENS, "top_p": TOP_P, "fingerprint": fingerprint(written),
             "seconds": time.perf_counter() - start}

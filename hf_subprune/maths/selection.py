@@ -291,9 +291,8 @@ class _Problem:
     mean: torch.Tensor | None  # the inputs' token mean (centred problem), in the exact dtype
     cross: torch.Tensor  # C (+ diag(lambda) W^T with a prior), in the solve dtype
     target_sq: float  # s (+ sum_j lambda_j ||W_j||^2 with a prior)
-    lam: torch.Tensor  # per-column ridge lambda_j (d), in the solve dtype
     own: torch.Tensor  # undamped diagonal of G, to tell dead or dependent columns, in the solve dtype
-    lam_exact: torch.Tensor  # lambda in the exact dtype, where the gram is damped
+    lam_exact: torch.Tensor  # per-column ridge lambda_j (d) in the exact dtype, where the gram is damped
 
     def to(self, dtype: torch.dtype) -> "_Problem":
         """The same problem for a solve in ``dtype``. Centring and ridge are done in the exact dtype before any
@@ -302,8 +301,13 @@ class _Problem:
         residual variances of the greedy can move. ``greedy_select`` checks the outcome rather than assume it."""
         if dtype == self.cross.dtype:
             return self
-        return _Problem(self.stats, self.mean, self.cross.to(dtype), self.target_sq, self.lam.to(dtype),
-                        self.own.to(dtype), self.lam_exact)
+        return _Problem(self.stats, self.mean, self.cross.to(dtype), self.target_sq, self.own.to(dtype),
+                        self.lam_exact)
+
+    @property
+    def lam(self) -> torch.Tensor:
+        """The ridge in the solve dtype."""
+        return self.lam_exact.to(self.cross.dtype)
 
     @property
     def dim(self) -> int:
@@ -378,7 +382,7 @@ def _problem(stats: SiteStatistics, bias_shift: bool, dtype: torch.dtype, dampin
         # In place on the centred copy (a d x m term: 88 MB in float64 at d = 5632, m = 2048), never on the stats.
         cross = cross.addcmul_(lam[:, None], w.T) if bias_shift else torch.addcmul(cross, lam[:, None], w.T)
         target_sq = target_sq + (lam * w.square().sum(0)).sum()
-    return _Problem(stats, mean, cross, float(target_sq), lam, own, lam).to(dtype)
+    return _Problem(stats, mean, cross, float(target_sq), own, lam).to(dtype)
 
 
 def auto_shrinkage(stats: SiteStatistics) -> float:
