@@ -452,6 +452,19 @@ def test_keeping_as_many_columns_as_tokens_solves_in_float64():
     assert greedy_select(stats, 19, damping=1e-3).diagnostics["solve_dtype"] != "requested"
 
 
+def test_keeping_more_columns_than_tokens_with_shrinkage_stays_float32():
+    """The pipeline's few-tokens setting (shrinkage d / tokens, kept columns beyond the tokens): the ridge keeps
+    the gram regular, the float32 greedy stands the verdict and selects like float64."""
+    d, n = 96, 48
+    b, y, w, stats = asymmetric_problem(5, n=n, d=d, m=12)
+    kwargs = dict(damping=1e-2, shrinkage=d / n, prior=w)
+    auto = greedy_select(stats, 72, **kwargs)
+    exact = greedy_select(stats, 72, dtype=F64, **kwargs)
+    assert auto.diagnostics["solve_dtype"] == "float32"
+    assert auto.diagnostics["float32_gain_error"] < TIE_RTOL
+    assert_same_selection(auto, exact, float(stats.target_sq))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_near_ties_resolve_alike_in_float32_and_float64(seed):
     """Exactly uncorrelated columns whose gains sit at relative distances around the tie margin from one

@@ -112,9 +112,11 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
         block = step.block
         sites = block_sites(adapter, model.config, step.name, widths[step.index], mlp_width, cfg.attention_mode)
         original = copy.deepcopy(block) if sites and variant.needs_uncut_copy else block
-        for site in sites:
+        for number, site in enumerate(sites):
             t0 = time.perf_counter()
-            stats = collect_statistics(site, adapter, block, original, inputs, step.hidden, variant, device, dtype,
+            # Before the block's first cut, its uncut copy computes what the block does: read one of them.
+            uncut = original if number else block
+            stats = collect_statistics(site, adapter, block, uncut, inputs, step.hidden, variant, device, dtype,
                                        cfg.token_weights)
             release_freed_memory()  # the activations the statistics were built from, before the selection's buffers
             t1 = time.perf_counter()

@@ -53,7 +53,8 @@ def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original:
                        hidden: list[torch.Tensor], variant: Variant, device, dtype: torch.dtype,
                        token_weights: str = "none") -> SiteStatistics:
     """Sum the site's statistics over this process's batches of ``hidden`` (the stream entering the block),
-    then over processes. ``block`` is the block as cut so far, ``original`` an uncut copy of it."""
+    then over processes. ``block`` is the block as cut so far, ``original`` an uncut copy of it, or ``block``
+    itself while nothing in it is cut (one partial forward per batch then serves both)."""
     weight = adapter.weight(original.get_submodule(site.consumer)).to(device=device, dtype=torch.float32)
     d = weight.shape[1]
     weighted = token_weights == "residual"
@@ -62,9 +63,12 @@ def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original:
         # the site's original output plus what the block's earlier cuts changed in the stream.
         stats = SiteStatistics.zeros(d, weight.shape[0], device=device, dtype=dtype)
         for i in range(len(inputs.hidden)):
-            a, r_orig = site_inputs(original, site, inputs, hidden, i, device)
             b, r_cut = site_inputs(block, site, inputs, hidden, i, device)
-            y = a.float() @ weight.T + (r_orig.float() - r_cut.float())
+            if original is block:  # nothing cut in this block yet: the uncut block computes the same
+                y = b.float() @ weight.T
+            else:
+                a, r_orig = site_inputs(original, site, inputs, hidden, i, device)
+                y = a.float() @ weight.T + (r_orig.float() - r_cut.float())
             stats.update(b, y, weights=residual_weights(inputs.rows(i, hidden[i]), y) if weighted else None)
         reduce_sum(stats.tensors())
         return stats
