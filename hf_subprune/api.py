@@ -27,7 +27,7 @@ from .pipeline.lazy import lazy_blocks
 from .pipeline.runner import SiteReport, prune_blocks
 from .pipeline.surgery import update_config
 from .pipeline.widths import Widths, site_costs
-from .synthetic import PROMPT_TOKENS, TOP_P, self_generated, synthetic_count
+from .synthetic import TOP_P, prompt_tokens, self_generated, synthetic_count
 
 __all__ = ["prune", "PruneResult", "count_parameters", "Evaluator"]
 
@@ -212,11 +212,12 @@ def _add_synthetic(model: nn.Module, input_ids: torch.Tensor, config: PruneConfi
     logger.info(f"the model writes {count} calibration sequences to go with the {len(input_ids)} given "
                 "(synthetic_samples; see hf_subprune/synthetic.py)")
     start = time.perf_counter()
-    generated = self_generated(model, input_ids, count, seed=config.seed)
-    record = {"synthetic_samples": count, "synthetic": {"prompt_tokens": PROMPT_TOKENS, "top_p": TOP_P,
+    prompt = prompt_tokens(int(input_ids.shape[1]))
+    generated = self_generated(model, input_ids, count, seed=config.seed, prompt=prompt)
+    record = {"synthetic_samples": count, "synthetic": {"prompt_tokens": prompt, "top_p": TOP_P,
                                                          "temperature": 1.0,
                                                          "seconds": round(time.perf_counter() - start, 3)}}
-    note = (f"{count} synthetic calibration sequences: the dense model continued {PROMPT_TOKENS}-token prompts from "
+    note = (f"{count} synthetic calibration sequences: the dense model continued {prompt}-token prompts from "
             f"the {len(input_ids)} given ones (nucleus {TOP_P}), to go with them")
     return torch.cat([input_ids, generated]), record, [note]
 

@@ -158,12 +158,11 @@ class PruneConfig:
     min_width_fraction: float = _help("Global budgets: no MLP keeps fewer than this fraction of its neurons.", 0.1)
     num_samples: int = _help("Number of calibration sequences.", 128)
     synthetic_samples: int | None = _help(
-        "Sequences the dense model writes itself (continuing 8-token prompts taken from the calibration, nucleus "
-        "sampling), added to the calibration: with a few samples the statistics then also see text from the "
-        "model's own distribution, and the cut holds better on text unlike the calibration (with more than one "
-        "real sequence, sometimes at a cost in the calibration's own domain). None (default): top a calibration "
-        "of fewer than 2048 tokens up to 8 sequences, for a causal LM held in memory (none for a lazily loaded "
-        "model or an encoder). 0: off.",
+        "Sequences the dense model writes itself (continuing prompts of an eighth of a sequence taken from the "
+        "calibration, nucleus sampling), added to the calibration: with a few samples the statistics then also "
+        "see more text near the calibration's and from the model's own distribution, and the cut holds better in "
+        "the calibration's domain and out of it. None (default): 8 of them for a calibration of fewer than 8192 "
+        "tokens, for a causal LM held in memory (none for a lazily loaded model or an encoder). 0: off.",
     )
     seq_len: int = _help("Tokens per calibration sequence.", 512)
     batch_size: int = _help("Sequences per forward pass during calibration (results do not depend on it).", 8)

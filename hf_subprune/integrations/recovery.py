@@ -222,21 +222,22 @@ def _teacher_written(teacher: nn.Module, examples: list[dict], config: RecoveryC
 
     Why: a few calibration blocks fit in a few epochs, and the student then matches the teacher there and not
     elsewhere. Text the teacher writes itself is its own distribution, where the KL is what matters, and costs no
-    data: only the prompts come from the blocks."""
-    from ..synthetic import PROMPT_TOKENS, TOP_P, SyntheticError, self_generated, synthetic_count
+    data: only the prompts come from the blocks. The prompts are the shortest (``MIN_PROMPT_TOKENS``), so the text
+    wanders furthest from the blocks (measured with those: ``benchmarks/results/recovery_distill_lr_50.md``)."""
+    from ..synthetic import MIN_PROMPT_TOKENS, TOP_P, SyntheticError, self_generated, synthetic_count
 
     padded = any("attention_mask" in e or not isinstance(e["input_ids"], torch.Tensor) for e in examples)
     start = time.perf_counter()
     try:
         synthetic_count(config.teacher_samples, len(examples), seq_len=len(examples[0]["input_ids"]),
                         generative=get_adapter(teacher.config).causal_lm and hasattr(teacher, "generate"),
-                        lazy=False, padded=padded, option="teacher_samples")
+                        lazy=False, padded=padded, option="teacher_samples", prompt=MIN_PROMPT_TOKENS)
         written = self_generated(teacher, torch.stack([e["input_ids"] for e in examples]), config.teacher_samples,
-                                 seed=config.seed)
+                                 seed=config.seed, prompt=MIN_PROMPT_TOKENS)
     except SyntheticError as e:
         raise ValueError(str(e)) from None
     info = {"num_samples": int(written.shape[0]), "seq_len": int(written.shape[1]), "tokens": int(written.numel()),
-            "prompt_tokens": PROMPT_TOKENS, "top_p": TOP_P, "fingerprint": fingerprint(written),
+            "prompt_tokens": MIN_PROMPT_TOKENS, "top_p": TOP_P, "fingerprint": fingerprint(written),
             "seconds": time.perf_counter() - start}
     return lm_examples(written), info
 
