@@ -387,7 +387,7 @@ def test_fluctuation_budget_takes_flaps_widths_and_greedy_picks_within(family):
     flap = prune(tiny_model(family), input_ids=ids, sparsity=0.4, method="flap", progress=False)
     model = tiny_model(family)
     asked = {} if family == "llama" else {"budget": "fluctuation"}  # the default for decoders; encoders ask
-    ours = prune(model, input_ids=ids, sparsity=0.4, progress=False, **asked)
+    ours = prune(model, input_ids=ids, sparsity=0.4, progress=False, synthetic_samples=0, **asked)  # FLAP's data
     assert [(w.mlp, w.heads, w.kv_heads) for w in ours.widths] == [(w.mlp, w.heads, w.kv_heads) for w in flap.widths]
     assert ours.config.method == "greedy" and ours.config.refit and ours.config.budget == "fluctuation"
     assert ours.config.attention_mode == "kv_group"  # FLAP's attention units, whatever was asked

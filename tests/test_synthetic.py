@@ -111,3 +111,12 @@ def test_encoders_get_none_and_refuse_an_explicit_count(single_thread):
     with pytest.raises(SyntheticError, match="cannot generate"):
         prune(model, input_ids=ids, sparsity=0.3, num_samples=2, seq_len=20, synthetic_samples=4, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda-sp", "layer-greedy-fs"])
+def test_published_baselines_calibrate_on_the_given_samples_only(method, single_thread):
+    """A peer as its own code runs it: the model writes nothing for it, whatever synthetic_samples says."""
+    result = prune(tiny_model("llama"), input_ids=calibration_ids(2, 20), sparsity=0.3, method=method,
+                   num_samples=2, seq_len=20, progress=False)
+    assert result.calibration["synthetic_samples"] == 0 and result.calibration["num_samples"] == 2
+    assert any("synthetic_samples=0" in note for note in result.notes)
