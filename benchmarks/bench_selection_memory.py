@@ -1,6 +1,6 @@
 """Peak resident memory of one greedy selection at an MLP site of a 1B Llama (d = 5632 inputs, m = 2048 outputs),
 above the statistics it starts from: the selection's own working set. 2048 tokens (fewer than the 4505 columns
-kept: the float64 path) by default.
+kept: the float64 path before 4aa7fd9, float32 with shrinkage since) by default.
 
     python benchmarks/bench_selection_memory.py [--tokens 2048] [--threads 1]
 
@@ -73,7 +73,7 @@ def main() -> None:
              "Peak resident memory above the statistics (float64 gram 254 MB, cross 88 MB), sampled every 10 ms.", "",
              "| commit | tokens | threads | solve dtype | seconds | peak above statistics MiB |",
              "| --- | ---: | ---: | --- | ---: | ---: |"]
-    lines += [f"| {r['commit']} | {r['tokens']} | {r['threads']} | {r['solve_dtype']} | {r['seconds']:.1f} | "
+    lines += [f"| {r['commit']}{' (' + r['note'] + ')' if r.get('note') else ''} | {r['tokens']} | {r['threads']} | {r['solve_dtype']} | {r['seconds']:.1f} | "
               f"{r['peak_above_statistics_mib']:.0f} |" for r in rows]
     (RESULTS / "selection_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
