@@ -65,8 +65,10 @@ def _pruned(base_dir: Path, corpus: Path, folder: Path, budget: str) -> Path:
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
     tok = transformers.AutoTokenizer.from_pretrained(base_dir)
     evaluate = PerplexityEvaluator(tok, corpus.read_text(), str(corpus), window=32, max_tokens=256)
+    # No written sequences: with them the global budget gives per-layer head counts, whose heterogeneous export
+    # recovery cannot load yet (AmbiguousGlobalPerLayerAttributeError; open, see the session note of 2026-12-04).
     result = prune(model, tok, str(corpus), sparsity=0.4, budget=budget, num_samples=8, seq_len=32, progress=False,
-                   base_model=str(base_dir), evaluate=evaluate)
+                   base_model=str(base_dir), evaluate=evaluate, synthetic_samples=0)
     return result.save(folder)
 
 
