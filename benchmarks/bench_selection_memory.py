@@ -73,7 +73,8 @@ def main() -> None:
              "Peak resident memory above the statistics (float64 gram 254 MB, cross 88 MB), sampled every 10 ms.", "",
              "| commit | tokens | threads | solve dtype | seconds | peak above statistics MiB |",
              "| --- | ---: | ---: | --- | ---: | ---: |"]
-    lines += [f"| {r['commit']}{' (' + r['note'] + ')' if r.get('note') else ''} | {r['tokens']} | {r['threads']} | {r['solve_dtype']} | {r['seconds']:.1f} | "
+    label = lambda r: r["commit"] + (f" ({r['note']})" if r.get("note") else "")  # noqa: E731
+    lines += [f"| {label(r)} | {r['tokens']} | {r['threads']} | {r['solve_dtype']} | {r['seconds']:.1f} | "
               f"{r['peak_above_statistics_mib']:.0f} |" for r in rows]
     (RESULTS / "selection_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

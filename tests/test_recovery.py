@@ -61,15 +61,27 @@ def base_dir(tmp_path_factory, corpus) -> Path:
     return folder
 
 
-def _pruned(base_dir: Path, corpus: Path, folder: Path, budget: str) -> Path:
+def _pruned(base_dir: Path, corpus: Path, folder: Path, budget: str, synthetic_samples: int | None = 0) -> Path:
+    """Pruned from the 8 calibration blocks alone by default (the tests count them), or with written ones."""
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
     tok = transformers.AutoTokenizer.from_pretrained(base_dir)
     evaluate = PerplexityEvaluator(tok, corpus.read_text(), str(corpus), window=32, max_tokens=256)
-    # No written sequences: with them the global budget gives per-layer head counts, whose heterogeneous export
-    # recovery cannot load yet (AmbiguousGlobalPerLayerAttributeError; open, see the session note of 2026-12-04).
     result = prune(model, tok, str(corpus), sparsity=0.4, budget=budget, num_samples=8, seq_len=32, progress=False,
-                   base_model=str(base_dir), evaluate=evaluate, synthetic_samples=0)
+                   base_model=str(base_dir), evaluate=evaluate, synthetic_samples=synthetic_samples)
     return result.save(folder)
+
+
+def test_finetune_loads_an_export_with_per_layer_head_counts(base_dir, corpus, tmp_path, single_thread):
+    """Per-layer head counts (here from the global budget on blocks and written sequences): the stock config
+    class refuses the folder's config, so the tokenizer is loaded with the modeling file too."""
+    pruned = _pruned(base_dir, corpus, tmp_path / "pruned", "global", synthetic_samples=None)
+    heads = {w["heads"] for w in _report(pruned)["widths"]}
+    assert len(heads) > 1, heads
+    out = tmp_path / "recovered"
+    run = _run("finetune", str(pruned), "--data", "calibration", "--output", str(out), "--max-steps", "1",
+               "--full", *QUIET, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert _report(out)["widths"] == _report(pruned)["widths"]
 
 
 @pytest.fixture(scope="module")

@@ -417,9 +417,11 @@ def _load_pruned(folder: Path, report: dict, dtype: str | None):
 
     auto = getattr(transformers, report.get("auto_class", "AutoModel"))
     kwargs = {"dtype": DTYPES[dtype]} if dtype not in (None, "auto") else {}
+    # The tokenizer reads the config too: a heterogeneous one (per-layer head counts) needs the modeling file's.
+    remote = {"trust_remote_code": report.get("export") == "heterogeneous"}
     try:
-        model = auto.from_pretrained(folder, trust_remote_code=report.get("export") == "heterogeneous", **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        model = auto.from_pretrained(folder, **remote, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **remote)
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{folder} could not be loaded ({type(e).__name__}: {e}); prune again to rewrite it") from None
     return model, tokenizer
