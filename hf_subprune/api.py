@@ -27,7 +27,7 @@ from .pipeline.lazy import lazy_blocks
 from .pipeline.runner import SiteReport, prune_blocks
 from .pipeline.surgery import update_config
 from .pipeline.widths import Widths, site_costs
-from .synthetic import TOP_P, prompt_tokens, self_generated, synthetic_count
+from .synthetic import TOP_P, NonFiniteOutputError, prompt_tokens, self_generated, synthetic_count
 
 __all__ = ["prune", "PruneResult", "count_parameters", "Evaluator"]
 
@@ -213,7 +213,10 @@ def _add_synthetic(model: nn.Module, input_ids: torch.Tensor, config: PruneConfi
                 "(synthetic_samples; see hf_subprune/synthetic.py)")
     start = time.perf_counter()
     prompt = prompt_tokens(int(input_ids.shape[1]))
-    generated = self_generated(model, input_ids, count, seed=config.seed, prompt=prompt)
+    try:
+        generated = self_generated(model, input_ids, count, seed=config.seed, prompt=prompt)
+    except NonFiniteOutputError as e:  # the statistics' finiteness check then names the site
+        return input_ids, {"synthetic_samples": 0}, [f"no synthetic calibration: {e}"]
     record = {"synthetic_samples": count, "synthetic": {"prompt_tokens": prompt, "top_p": TOP_P,
                                                          "temperature": 1.0,
                                                          "seconds": round(time.perf_counter() - start, 3)}}

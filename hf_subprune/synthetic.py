@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 __all__ = ["MIN_PROMPT_TOKENS", "PROMPT_FRACTION", "prompt_tokens", "TOP_P", "AUTO_COUNT", "AUTO_BELOW_TOKENS",
-           "SyntheticError", "synthetic_count", "self_generated"]
+           "SyntheticError", "NonFiniteOutputError", "synthetic_count", "self_generated"]
 
 MIN_PROMPT_TOKENS = 8  # the shortest prompt of real text a synthetic sequence starts from
 PROMPT_FRACTION = 8  # the calibration's prompts are 1 / PROMPT_FRACTION of the sequence (64 of 512 tokens)
@@ -35,6 +35,10 @@ GENERATION_BATCH = 8  # sequences generated at once: fixed, so the tokens do not
 
 class SyntheticError(ValueError):
     """Synthetic calibration was asked for where it cannot be made."""
+
+
+class NonFiniteOutputError(SyntheticError):
+    """The model's outputs on the prompts are not finite: it cannot sample a continuation."""
 
 
 def prompt_tokens(seq_len: int) -> int:
@@ -112,6 +116,9 @@ def self_generated(model: nn.Module, real: torch.Tensor, count: int, *, seed: in
     model.eval()
     out = []
     try:
+        # Sampling from NaN probabilities fails deep in generate(): say so here, once, on the first batch's prompts.
+        if not bool(torch.isfinite(model(prompts[:GENERATION_BATCH].to(device)).logits).all()):
+            raise NonFiniteOutputError("the model's next-token logits on the calibration prompts are not finite")
         for index, start in enumerate(range(0, count, GENERATION_BATCH)):
             batch = prompts[start : start + GENERATION_BATCH].to(device)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

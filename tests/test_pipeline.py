@@ -182,8 +182,8 @@ def test_asymmetric_refit_is_least_squares_on_the_uncut_block_output(model_type)
         _, blocks = find_blocks(model)
         uncut = copy.deepcopy(blocks[-1])
         prune(model, input_ids=calibration_ids(), mlp_sparsity=0.3, attention_sparsity=0.5, variant=variant,
-              token_weights="none", damping=1e-8, shrinkage=0.0, progress=False)
-        inputs = capture_block_inputs(model, calibration_ids(), 8, "cpu", "cpu")
+              token_weights="none", damping=1e-8, shrinkage=0.0, synthetic_samples=0, progress=False)
+        inputs = capture_block_inputs(model, calibration_ids(), 8, "cpu", "cpu")  # the statistics' tokens
         for block in blocks[:-1]:
             inputs.hidden = [run_block(block, inputs, inputs.hidden, i, "cpu") for i in range(len(inputs.hidden))]
         loss = sum((_block_output(blocks[-1], inputs, i) - _block_output(uncut, inputs, i).detach()).square().sum()
