@@ -26,6 +26,7 @@ from .pipeline.flap import MODEL_PASSES
 from .pipeline.lazy import lazy_blocks
 from .pipeline.runner import SiteReport, prune_blocks
 from .pipeline.surgery import update_config
+from .pipeline.variants import drift_correction_for
 from .pipeline.widths import Widths, site_costs
 from .synthetic import TOP_P, NonFiniteOutputError, prompt_tokens, self_generated, synthetic_count
 
@@ -331,6 +332,8 @@ def prune(
                                                            padded=attention_mask is not None)
     tokens = int(input_ids.numel() if attention_mask is None else attention_mask.sum())
     config, budget_notes = resolve_budget(config, tokens, adapter.causal_lm)
+    config = dataclasses.replace(config, drift_correction=drift_correction_for(
+        config.drift_correction, config.variant, adapter.causal_lm))
     budget_notes[:0] = synthetic_notes
     if len(input_ids) < world:
         raise ValueError(f"{len(input_ids)} calibration samples cannot be shared by {world} processes: "

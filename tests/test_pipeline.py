@@ -182,7 +182,8 @@ def test_asymmetric_refit_is_least_squares_on_the_uncut_block_output(model_type)
         _, blocks = find_blocks(model)
         uncut = copy.deepcopy(blocks[-1])
         prune(model, input_ids=calibration_ids(), mlp_sparsity=0.3, attention_sparsity=0.5, variant=variant,
-              token_weights="none", damping=1e-8, shrinkage=0.0, synthetic_samples=0, progress=False)
+              drift_correction=0.0, token_weights="none", damping=1e-8, shrinkage=0.0, synthetic_samples=0,
+              progress=False)
         inputs = capture_block_inputs(model, calibration_ids(), 8, "cpu", "cpu")  # the statistics' tokens
         for block in blocks[:-1]:
             inputs.hidden = [run_block(block, inputs, inputs.hidden, i, "cpu") for i in range(len(inputs.hidden))]
@@ -191,6 +192,48 @@ def test_asymmetric_refit_is_least_squares_on_the_uncut_block_output(model_type)
         loss.backward()
         grads[variant] = float(blocks[-1].get_submodule(get_adapter(model.config).mlp.consumer).weight.grad.norm())
     assert grads["asymmetric"] < 1e-3 * grads["sequential"]
+
+
+@pytest.mark.parametrize("model_type", [*GQA_TYPES, "gpt2"])
+def test_full_drift_correction_refits_towards_the_dense_model_stream(model_type):
+    """With ``drift_correction=1`` the MLP target is the dense model's stream after the block, less the cut
+    stream entering it: after the refit the squared distance between the cut model's last block output and the
+    dense model's, each on its own stream, is stationary in the MLP's consumer weights; without the correction
+    (the uncut block's output on the cut stream) it is not. ``drift_correction=0.5`` lands in between."""
+    grads = {}
+    for correction in (0.0, 0.5, 1.0):
+        model = tiny_model(model_type)
+        _, blocks = find_blocks(model)
+        dense_blocks = copy.deepcopy(blocks)
+        prune(model, input_ids=calibration_ids(), mlp_sparsity=0.3, attention_sparsity=0.5,
+              drift_correction=correction, token_weights="none", damping=1e-8, shrinkage=0.0, synthetic_samples=0,
+              progress=False)
+        cut = capture_block_inputs(model, calibration_ids(), 8, "cpu", "cpu")  # the statistics' tokens
+        dense = copy.copy(cut)
+        for block, dense_block in zip(blocks[:-1], dense_blocks[:-1]):
+            cut.hidden = [run_block(block, cut, cut.hidden, i, "cpu") for i in range(len(cut.hidden))]
+            dense.hidden = [run_block(dense_block, dense, dense.hidden, i, "cpu") for i in range(len(dense.hidden))]
+        loss = sum((_block_output(blocks[-1], cut, i) - _block_output(dense_blocks[-1], dense, i).detach()
+                    ).square().sum() for i in range(len(cut.hidden)))
+        loss.backward()
+        grads[correction] = float(blocks[-1].get_submodule(get_adapter(model.config).mlp.consumer).weight.grad.norm())
+    assert grads[1.0] < 1e-3 * grads[0.0]
+    assert grads[1.0] < grads[0.5] < grads[0.0]
+
+
+def test_drift_correction_defaults_and_bounds():
+    """0.5 for a causal LM's asymmetric target, 0 for an encoder and for the other variants; the report records
+    the value used; out of range or on a variant without the uncut-block target, a clear error."""
+    ids = calibration_ids()
+    assert prune(tiny_model("llama"), input_ids=ids, sparsity=0.3, budget="uniform", synthetic_samples=0,
+                 progress=False).config.drift_correction == 0.5
+    assert prune(tiny_model("llama"), input_ids=ids, sparsity=0.3, budget="uniform", variant="sequential",
+                 progress=False).config.drift_correction == 0.0
+    assert prune(tiny_model("bert"), input_ids=ids, sparsity=0.3, progress=False).config.drift_correction == 0.0
+    with pytest.raises(ValueError, match=r"drift_correction must be in \[0, 1\]"):
+        PruneConfig(sparsity=0.3, drift_correction=1.5)
+    with pytest.raises(ValueError, match="variant='asymmetric'"):
+        PruneConfig(sparsity=0.3, drift_correction=0.5, variant="layerwise")
 
 
 def test_residual_weights_discount_massive_tokens():

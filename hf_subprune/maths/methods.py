@@ -88,7 +88,7 @@ METHODS["greedy"] = Method(
 # original columns.
 # Published methods calibrate on the samples given: none written by the model (synthetic.py is ours).
 _UNIFORM_NO_REFIT = {"variant": "sequential", "token_weights": "none", "refit": False, "bias_shift": False,
-                     "budget": "uniform", "synthetic_samples": 0}
+                     "budget": "uniform", "synthetic_samples": 0, "drift_correction": 0.0}
 
 
 def _per_group(column_scores: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
@@ -152,7 +152,7 @@ def _flap_score(stats: SiteStatistics, weight: torch.Tensor, layout: GroupLayout
 METHODS["flap"] = Method(
     "flap", compensates_bias=True, published=True, scope="global",
     settings={"variant": "layerwise", "token_weights": "none", "refit": False, "bias_shift": True,
-              "budget": "global", "attention_mode": "kv_group", "synthetic_samples": 0},
+              "budget": "global", "attention_mode": "kv_group", "synthetic_samples": 0, "drift_correction": 0.0},
     description="FLAP as published (An et al. 2024): fluctuation scores standardised per layer, one global "
                 "allocation over layers and site types, bias compensation, no refit",
     note="flap as published (FLAP, An et al. AAAI 2024; official lib/prune.py prune_flap, metric WIFV, structure "

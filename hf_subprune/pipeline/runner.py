@@ -15,7 +15,7 @@ from ..config import PruneConfig
 from ..maths.methods import select
 from ..maths.selection import SiteStatistics, auto_shrinkage, reconstruction_error
 from .blocks import walk_blocks
-from .capture import BlockInputs, find_blocks
+from .capture import BlockInputs, find_blocks, run_block
 from .memory import release_freed_memory
 from .sites import Site, block_sites
 from .statistics import collect_statistics
@@ -104,9 +104,12 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
     """Prune every block in place to its widths (one ``Widths`` per block); one report per pruned site."""
     variant = VARIANTS[cfg.variant]
     dtype = getattr(torch, cfg.stats_dtype)
+    offload = torch.device(cfg.offload_device)
     _, blocks = find_blocks(model)
     mlp_width = adapter.weight(blocks[0].get_submodule(adapter.mlp.consumer)).shape[1]
     reports: list[SiteReport] = []
+    correction = cfg.drift_correction or 0.0  # resolved by prune(); the config allows it on uncut-block targets only
+    dense = list(inputs.hidden) if correction else None  # the dense model's stream, for the drift correction
     for step in walk_blocks(model, inputs, device, cfg.offload_device, desc="pruning blocks", show=show,
                             modifies=True):
         block = step.block
@@ -117,7 +120,7 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
             # Before the block's first cut, its uncut copy computes what the block does: read one of them.
             uncut = original if number else block
             stats = collect_statistics(site, adapter, block, uncut, inputs, step.hidden, variant, device, dtype,
-                                       cfg.token_weights)
+                                       cfg.token_weights, dense=dense, drift_correction=correction)
             release_freed_memory()  # the activations the statistics were built from, before the selection's buffers
             t1 = time.perf_counter()
             report = _prune_site(site, adapter, block, stats, cfg, step.index)
@@ -126,4 +129,6 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
             del stats
             release_freed_memory()  # the site's statistics and selection buffers
         step.through = original if variant.stream == "original" else block
+        if dense is not None:
+            dense = [run_block(original, inputs, dense, j, device).to(offload) for j in range(len(dense))]
     return reports

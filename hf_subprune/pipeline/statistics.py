@@ -51,10 +51,12 @@ def residual_weights(stream: torch.Tensor, outputs: torch.Tensor) -> torch.Tenso
 @torch.no_grad()
 def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original: nn.Module, inputs: BlockInputs,
                        hidden: list[torch.Tensor], variant: Variant, device, dtype: torch.dtype,
-                       token_weights: str = "none") -> SiteStatistics:
+                       token_weights: str = "none", dense: list[torch.Tensor] | None = None,
+                       drift_correction: float = 0.0) -> SiteStatistics:
     """Sum the site's statistics over this process's batches of ``hidden`` (the stream entering the block),
     then over processes. ``block`` is the block as cut so far, ``original`` an uncut copy of it, or ``block``
-    itself while nothing in it is cut (one partial forward per batch then serves both)."""
+    itself while nothing in it is cut (one partial forward per batch then serves both). ``dense``: the dense
+    model's stream entering the block, which the uncut-block target moves towards by ``drift_correction``."""
     weight = adapter.weight(original.get_submodule(site.consumer)).to(device=device, dtype=torch.float32)
     d = weight.shape[1]
     weighted = token_weights == "residual"
@@ -69,6 +71,12 @@ def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original:
             else:
                 a, r_orig = site_inputs(original, site, inputs, hidden, i, device)
                 y = a.float() @ weight.T + (r_orig.float() - r_cut.float())
+            if drift_correction:
+                # The dense model's stream after the site, less the cut stream before it, is the target that would
+                # undo every earlier cut's drift; take that share of the way towards it.
+                a_dense, r_dense = site_inputs(original, site, inputs, dense, i, device)
+                y_dense = a_dense.float() @ weight.T + (r_dense.float() - r_cut.float())
+                y = torch.lerp(y, y_dense, drift_correction)
             stats.update(b, y, weights=residual_weights(inputs.rows(i, hidden[i]), y) if weighted else None)
         reduce_sum(stats.tensors())
         return stats
