@@ -15,10 +15,10 @@ from ..config import PruneConfig
 from ..maths.methods import select
 from ..maths.selection import SiteStatistics, auto_shrinkage, reconstruction_error
 from .blocks import walk_blocks
-from .capture import BlockInputs, find_blocks, run_block
+from .capture import BlockInputs, find_blocks
 from .memory import release_freed_memory
 from .sites import Site, block_sites
-from .statistics import collect_statistics
+from .statistics import collect_statistics, dense_targets
 from .surgery import apply_selection
 from .variants import VARIANTS
 from .widths import Widths
@@ -104,7 +104,6 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
     """Prune every block in place to its widths (one ``Widths`` per block); one report per pruned site."""
     variant = VARIANTS[cfg.variant]
     dtype = getattr(torch, cfg.stats_dtype)
-    offload = torch.device(cfg.offload_device)
     _, blocks = find_blocks(model)
     mlp_width = adapter.weight(blocks[0].get_submodule(adapter.mlp.consumer)).shape[1]
     reports: list[SiteReport] = []
@@ -115,12 +114,17 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
         block = step.block
         sites = block_sites(adapter, model.config, step.name, widths[step.index], mlp_width, cfg.attention_mode)
         original = copy.deepcopy(block) if sites and variant.needs_uncut_copy else block
+        after: dict[str, list[torch.Tensor]] = {}
+        start = time.perf_counter()
+        if dense is not None:  # before any cut: the block is the dense model's
+            after, dense = dense_targets(block, sites, adapter, inputs, dense, device)
         for number, site in enumerate(sites):
-            t0 = time.perf_counter()
+            t0 = start if number == 0 else time.perf_counter()  # the first site's time includes the dense targets
             # Before the block's first cut, its uncut copy computes what the block does: read one of them.
             uncut = original if number else block
             stats = collect_statistics(site, adapter, block, uncut, inputs, step.hidden, variant, device, dtype,
-                                       cfg.token_weights, dense=dense, drift_correction=correction)
+                                       cfg.token_weights, dense_after=after.pop(site.name, None),
+                                       drift_correction=correction)
             release_freed_memory()  # the activations the statistics were built from, before the selection's buffers
             t1 = time.perf_counter()
             report = _prune_site(site, adapter, block, stats, cfg, step.index)
@@ -129,6 +133,4 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
             del stats
             release_freed_memory()  # the site's statistics and selection buffers
         step.through = original if variant.stream == "original" else block
-        if dense is not None:
-            dense = [run_block(original, inputs, dense, j, device).to(offload) for j in range(len(dense))]
     return reports

@@ -13,7 +13,7 @@ from .capture import BlockInputs, HookSet, run_block
 from .sites import Site
 from .variants import Variant
 
-__all__ = ["collect_statistics", "site_inputs", "consumer_inputs", "residual_weights"]
+__all__ = ["collect_statistics", "dense_targets", "site_inputs", "consumer_inputs", "residual_weights"]
 
 
 def consumer_inputs(block: nn.Module, path: str, inputs: BlockInputs, hidden: list[torch.Tensor], index: int,
@@ -38,6 +38,34 @@ def site_inputs(block: nn.Module, site: Site, inputs: BlockInputs, hidden: list[
     return x, inputs.rows(index, residual)
 
 
+@torch.no_grad()
+def dense_targets(block: nn.Module, sites: list[Site], adapter: Adapter, inputs: BlockInputs,
+                  dense: list[torch.Tensor], device) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """One forward of the uncut ``block`` per batch of the dense model's stream ``dense``: for each site, the
+    dense stream after it (the consumer's output without bias plus the residual stream it is added to; real
+    tokens x features, in the stream's dtype on its device), and the block's outputs, the dense stream entering
+    the next block. One forward serves every site: the drift correction then costs one block forward per batch."""
+    after: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}
+    outputs: list[torch.Tensor] = []
+    for i in range(len(dense)):
+        seen: dict[tuple[str, str], torch.Tensor] = {}
+        with HookSet() as hooks:
+            for site in sites:
+                hooks.pre_hook(block.get_submodule(site.consumer),
+                               lambda module, args, key=(site.name, "input"): seen.__setitem__(key, args[0]))
+                if site.residual is not None:
+                    hooks.pre_hook(block.get_submodule(site.residual),
+                                   lambda module, args, key=(site.name, "residual"): seen.__setitem__(key, args[0]))
+            out = run_block(block, inputs, dense, i, device)
+        for site in sites:
+            weight = adapter.weight(block.get_submodule(site.consumer)).to(device=device, dtype=torch.float32)
+            residual = seen.get((site.name, "residual"), dense[i].to(device))
+            stream = inputs.rows(i, seen[(site.name, "input")]).float() @ weight.T + inputs.rows(i, residual).float()
+            after[site.name].append(stream.to(device=dense[i].device, dtype=dense[i].dtype))
+        outputs.append(out.to(dense[i].device))
+    return after, outputs
+
+
 def residual_weights(stream: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
     """Token weights ``1 / (ms(h_t) + ms(y_t))``: ``h_t`` the residual stream entering the block, ``y_t`` the
     site's output, ms the mean square over features. The weighted error is then the perturbation relative to
@@ -51,12 +79,13 @@ def residual_weights(stream: torch.Tensor, outputs: torch.Tensor) -> torch.Tenso
 @torch.no_grad()
 def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original: nn.Module, inputs: BlockInputs,
                        hidden: list[torch.Tensor], variant: Variant, device, dtype: torch.dtype,
-                       token_weights: str = "none", dense: list[torch.Tensor] | None = None,
+                       token_weights: str = "none", dense_after: list[torch.Tensor] | None = None,
                        drift_correction: float = 0.0) -> SiteStatistics:
     """Sum the site's statistics over this process's batches of ``hidden`` (the stream entering the block),
     then over processes. ``block`` is the block as cut so far, ``original`` an uncut copy of it, or ``block``
-    itself while nothing in it is cut (one partial forward per batch then serves both). ``dense``: the dense
-    model's stream entering the block, which the uncut-block target moves towards by ``drift_correction``."""
+    itself while nothing in it is cut (one partial forward per batch then serves both). ``dense_after``: the
+    dense model's stream after the site (``dense_targets``), which the uncut-block target moves towards by
+    ``drift_correction``."""
     weight = adapter.weight(original.get_submodule(site.consumer)).to(device=device, dtype=torch.float32)
     d = weight.shape[1]
     weighted = token_weights == "residual"
@@ -74,9 +103,7 @@ def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original:
             if drift_correction:
                 # The dense model's stream after the site, less the cut stream before it, is the target that would
                 # undo every earlier cut's drift; take that share of the way towards it.
-                a_dense, r_dense = site_inputs(original, site, inputs, dense, i, device)
-                y_dense = a_dense.float() @ weight.T + (r_dense.float() - r_cut.float())
-                y = torch.lerp(y, y_dense, drift_correction)
+                y = torch.lerp(y, dense_after[i].to(device).float() - r_cut.float(), drift_correction)
             stats.update(b, y, weights=residual_weights(inputs.rows(i, hidden[i]), y) if weighted else None)
         reduce_sum(stats.tensors())
         return stats
