@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flag(p, "--batch-size", "batch_size", type=int)
     _config_flag(p, "--method", "method", choices=sorted(METHODS))
     _config_flag(p, "--variant", "variant", choices=VARIANTS)
+    _config_flag(p, "--drift-correction", "drift_correction", type=float)
     _config_flag(p, "--attention-mode", "attention_mode", choices=ATTENTION_MODES)
     p.add_argument("--no-refit", dest="refit", action="store_const", const=False, default=None,
                    help="keep the original consumer columns instead of the least-squares refit")
@@ -246,7 +247,8 @@ def _prune(args) -> int:
     from .loading import base_license, load_model
 
     fields = ("sparsity", "mlp_sparsity", "attention_sparsity", "num_samples", "synthetic_samples", "seq_len",
-              "batch_size", "method", "variant", "attention_mode", "refit", "damping", "shrinkage", "token_weights",
+              "batch_size", "method", "variant", "drift_correction", "attention_mode", "refit", "damping", "shrinkage",
+              "token_weights",
               "selection_error", "seed", "device", "budget", "mlp_multiple", "min_width_fraction")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.quiet:
