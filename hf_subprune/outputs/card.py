@@ -170,7 +170,8 @@ def build_card(report: dict, plots: list[dict] | None = None, file_size: dict | 
         data.eval_results = _eval_results(evaluation, report)
     cfg = report["config"]
     cal = report["calibration"]
-    settings = [("method", cfg["method"]), ("variant", cfg["variant"]), ("refit", cfg["refit"]),
+    settings = [("method", cfg["method"]), ("variant", cfg["variant"]),
+                ("drift correction", cfg.get("drift_correction") or 0.0), ("refit", cfg["refit"]),
                 ("budget", cfg["budget"]), ("sparsity", cfg["sparsity"]), ("mlp sparsity", cfg["mlp_sparsity"]),
                 ("attention sparsity", cfg["attention_sparsity"]), ("attention mode", cfg["attention_mode"]),
                 ("damping", cfg["damping"]), ("token weights", cfg.get("token_weights", "none")),
