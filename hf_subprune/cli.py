@@ -248,8 +248,7 @@ def _prune(args) -> int:
 
     fields = ("sparsity", "mlp_sparsity", "attention_sparsity", "num_samples", "synthetic_samples", "seq_len",
               "batch_size", "method", "variant", "drift_correction", "attention_mode", "refit", "damping", "shrinkage",
-              "token_weights",
-              "selection_error", "seed", "device", "budget", "mlp_multiple", "min_width_fraction")
+              "token_weights", "selection_error", "seed", "device", "budget", "mlp_multiple", "min_width_fraction")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.quiet:
         _quiet()
