@@ -166,8 +166,8 @@ def plot(records: list[dict]) -> list[Path]:
         texts = list(rows[0]["quality"])
         fig, axes = plt.subplots(1, len(texts), figsize=(4.2 * len(texts), 3.6), squeeze=False)
         for ax, text in zip(axes[0], texts):
-            for method in sorted({r["method"] for r in rows}, key=lambda m: list(METHODS).index(m)
-                                 if m in METHODS else 99):
+            # The current methods only: rows kept from earlier code (renamed "... until DATE") stay in the tables.
+            for method in sorted({r["method"] for r in rows} & set(METHODS), key=list(METHODS).index):
                 ns = sorted({r["n"] for r in rows if r["method"] == method and text in r["quality"]})
                 if not ns:
                     continue
