@@ -222,10 +222,12 @@ class PruneConfig:
         if self.drift_correction is not None:
             if not 0 <= self.drift_correction <= 1:
                 raise ValueError(f"drift_correction must be in [0, 1], got {self.drift_correction}")
-            if self.drift_correction and self.variant != "asymmetric":
+            from .pipeline.variants import VARIANTS as TABLE  # the table says which targets have a drift term
+
+            if self.drift_correction and TABLE[self.variant].target != "uncut_block":
                 raise ValueError(
-                    f"drift_correction moves the asymmetric variant's target; the {self.variant} variant has none to "
-                    "move: leave drift_correction unset (or 0), or use variant='asymmetric'")
+                    f"drift_correction moves the uncut-block target of the asymmetric variant; the {self.variant} "
+                    "variant has none to move: leave drift_correction unset (or 0), or use variant='asymmetric'")
         if self.shrinkage is not None and self.shrinkage < 0:
             raise ValueError(f"shrinkage must be >= 0, got {self.shrinkage}")
 

@@ -46,6 +46,8 @@ def dense_targets(block: nn.Module, sites: list[Site], adapter: Adapter, inputs:
     tokens x features, in the stream's dtype on its device), and the block's outputs, the dense stream entering
     the next block. One forward serves every site: the drift correction then costs one block forward per batch."""
     after: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}
+    weights = {site.name: adapter.weight(block.get_submodule(site.consumer)).to(device=device, dtype=torch.float32)
+               for site in sites}
     outputs: list[torch.Tensor] = []
     for i in range(len(dense)):
         seen: dict[tuple[str, str], torch.Tensor] = {}
@@ -58,9 +60,10 @@ def dense_targets(block: nn.Module, sites: list[Site], adapter: Adapter, inputs:
                                    lambda module, args, key=(site.name, "residual"): seen.__setitem__(key, args[0]))
             out = run_block(block, inputs, dense, i, device)
         for site in sites:
-            weight = adapter.weight(block.get_submodule(site.consumer)).to(device=device, dtype=torch.float32)
-            residual = seen.get((site.name, "residual"), dense[i].to(device))
-            stream = inputs.rows(i, seen[(site.name, "input")]).float() @ weight.T + inputs.rows(i, residual).float()
+            # No residual module: the site adds to the block's input (attention), the stream the forward took.
+            residual = seen[(site.name, "residual")] if site.residual is not None else dense[i]
+            stream = (inputs.rows(i, seen[(site.name, "input")]).float() @ weights[site.name].T
+                      + inputs.rows(i, residual).to(device).float())
             after[site.name].append(stream.to(device=dense[i].device, dtype=dense[i].dtype))
         outputs.append(out.to(dense[i].device))
     return after, outputs
