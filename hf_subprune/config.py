@@ -222,9 +222,8 @@ class PruneConfig:
         if self.drift_correction is not None:
             if not 0 <= self.drift_correction <= 1:
                 raise ValueError(f"drift_correction must be in [0, 1], got {self.drift_correction}")
-            from .pipeline.variants import VARIANTS as TABLE  # the table says which targets have a drift term
-
-            if self.drift_correction and TABLE[self.variant].target != "uncut_block":
+            # Only asymmetric has the uncut-block target (pipeline.variants; config may not import the pipeline).
+            if self.drift_correction and self.variant != "asymmetric":
                 raise ValueError(
                     f"drift_correction moves the uncut-block target of the asymmetric variant; the {self.variant} "
                     "variant has none to move: leave drift_correction unset (or 0), or use variant='asymmetric'")
