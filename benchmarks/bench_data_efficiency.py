@@ -43,12 +43,16 @@ import torch  # noqa: E402
 from hf_subprune import PruneConfig, count_parameters, prune  # noqa: E402
 from hf_subprune.calibration import builtin_text, load_texts, token_blocks  # noqa: E402
 from hf_subprune.evaluation import perplexity  # noqa: E402
+from hf_subprune.integrations.recovery import CALIBRATION, recover  # noqa: E402
 from hf_subprune.loading import load_model  # noqa: E402
 
 from data import add_data_arguments, require, sst2_rows, wikitext_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 STEM = "data_efficiency_smollm2"
+
+# recover() settings of the "+ LoRA recovery" rows: 16 steps of 4 sequences (repeating the n calibration ones).
+RECOVERY = {"max_steps": 16, "batch_size": 4}
 
 # The methods compared, as PruneConfig settings (published baselines fix their own settings: see --help of
 # hf-subprune prune, or hf_subprune.maths.methods).
@@ -62,10 +66,16 @@ METHODS: dict[str, dict] = {
     "layer-greedy-fs": {"method": "layer-greedy-fs"},
     "magnitude": {"method": "magnitude"},
     "random": {"method": "random"},
+    # Limited-data recovery on the same n sequences (issue 11): recover()'s LoRA defaults, the model's own loss.
+    "default + LoRA recovery": {"recover": RECOVERY},
+    "flap + LoRA recovery": {"method": "flap", "recover": RECOVERY},
 }
 # Run unless --methods says otherwise. The two synthetic variants differ from the default only at some n (the default
-# writes 8 sequences for calibrations of fewer than 8192 tokens: n < 16 here): ask for them where wanted.
-DEFAULT_RUN = [name for name in METHODS if "synthetic" not in name]
+# writes 8 sequences for calibrations of fewer than 8192 tokens: n < 16 here): ask for them where wanted, and the
+# recovery rows too (each adds a fine-tune).
+DEFAULT_RUN = [name for name in METHODS if "synthetic" not in name and "recovery" not in name]
+# Margin rows under each table: (peer, ours).
+MARGINS = (("flap", "default"), ("wanda-sp", "default"), ("flap + LoRA recovery", "default + LoRA recovery"))
 
 # Python source for the code domain: standard-library modules of the running interpreter, in this order.
 PYTHON_MODULES = ("inspect", "argparse", "typing", "dataclasses")
@@ -111,19 +121,30 @@ def _margin_row(rows: list[dict], ns: list[int], text: str, peer: str, ours: str
     return f"| {peer} vs {ours} | " + " | ".join(cells) + " |"
 
 
+def _tokens(records: list[dict]) -> str:
+    """The evaluation protocol of the records: tokens of WikiText-2 test and of each other text."""
+    wiki = sorted({r.get("eval_tokens", 16384) for r in records if "wikitext" in r["quality"]})
+    other = sorted({r.get("xeval_tokens", 16384) for r in records if set(r["quality"]) - {"wikitext"}})
+    parts = [f"{' / '.join(map(str, wiki))} tokens of WikiText-2 test"] if wiki else []
+    parts += [f"{' / '.join(map(str, other))} tokens of each other text"] if other else []
+    return " and ".join(parts)
+
+
 def table(records: list[dict]) -> str:
     lines = ["# Data efficiency: SmolLM2-135M perplexity against calibration sequences", "",
              "Each cell: perplexity, the geometric mean over seeds (calibration windows) with [min, max] when more "
              "than one seed ran. Sparsity: fraction of the prunable (MLP + attention) parameters removed. "
-             "Perplexity on the first 16384 tokens of each text (--eval-tokens, --xeval-tokens), windows of 512. "
+             f"Perplexity on the first {_tokens(records)} (--eval-tokens, --xeval-tokens), windows of 512. "
              "The default adds 8 sequences the dense model writes itself, from prompts of 64 tokens of the real ones, "
              "to a calibration of fewer than 8192 tokens (n < 16; hf_subprune/synthetic.py); rows named \"until "
              "2026-12-03\" ran before that rule (then: 8-token prompts, topping n = 1 and 2 up to 8 sequences, and "
              "FLAP got them too); \"default, no synthetic\" is the default without them, \"default + 7 synthetic\" "
              "the earlier code with 7 from 8-token prompts at any n. Since 2026-12-04 the default's refit target "
              "also undoes half the drift of the stream from the dense model's (drift_correction 0.5); rows named "
-             "\"until 2026-12-04\" ran without it. Last row of each table: how much higher FLAP's perplexity is "
-             "than the default's (geometric means; the goal is >= +10% at n <= 8).", ""]
+             "\"until 2026-12-04\" ran without it. \"+ LoRA recovery\": then fine-tuned on the same n sequences "
+             f"({RECOVERY['max_steps']} steps of {RECOVERY['batch_size']}, recover()'s LoRA defaults, LM loss). "
+             "Last rows of each table: how much higher a peer's perplexity is than ours (geometric means; the goal "
+             "is >= +10% at n <= 8).", ""]
     dense = {(r["calibration"], t): q for r in records if r["method"] == "dense" for t, q in r["quality"].items()}
     groups = sorted({(r["calibration"], r["sparsity"]) for r in records if r["method"] != "dense"})
     for cal, sparsity in groups:
@@ -148,7 +169,8 @@ def table(records: list[dict]) -> str:
                     mean, lo, hi = _stats(vals)
                     cells.append(f"{mean:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if len(vals) > 1 else ""))
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
-            lines.append(_margin_row(rows, ns, text, "flap", "default"))
+            lines += [_margin_row(rows, ns, text, peer, ours) for peer, ours in MARGINS
+                      if {peer, ours} <= {r["method"] for r in rows}]
             lines.append("")
     return "\n".join(lines)
 
@@ -268,15 +290,21 @@ def main() -> None:
                     if (args.calibration, name, sparsity, n, seed) in done:
                         continue
                     pruned = copy.deepcopy(model)
+                    recovery = settings.get("recover")
                     cfg = PruneConfig(**{"sparsity": sparsity, "num_samples": n, "seq_len": args.seq_len,
-                                         "seed": seed, **settings})
+                                         "seed": seed, **{k: v for k, v in settings.items() if k != "recover"}})
                     start = time.perf_counter()
-                    result = prune(pruned, input_ids=ids, config=cfg, progress=False)
+                    result = prune(pruned, tokenizer, input_ids=ids, config=cfg, progress=False)
                     seconds = time.perf_counter() - start
+                    extra = {}
+                    if recovery:
+                        recovered = recover(result, CALIBRATION, seed=seed, progress=False, **recovery)
+                        extra = {"recovery": {k: recovered.recovery[k] for k in ("steps", "tokens", "seconds")}}
                     record({"calibration": args.calibration, "method": name, "settings": settings,
                             "sparsity": sparsity, "n": n, "seed": seed, "quality": quality(pruned),
                             "params": result.params_after, "params_before": result.params_before,
-                            "seconds": seconds,
+                            "seconds": seconds, **extra, "eval_tokens": args.eval_tokens,
+                            "xeval_tokens": args.xeval_tokens,
                             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                             "widths": [[w.mlp, w.heads, w.kv_heads] for w in result.widths]})
                     del pruned, result
