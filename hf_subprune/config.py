@@ -112,7 +112,8 @@ class PruneConfig:
         "0: the target is the uncut block's output on the cut stream (the paper's asymmetric target); 1: the "
         "dense model's stream after the site. None (default): 0.5 for causal LMs (on SmolLM2 better than 0 in the "
         "calibration's domain and on other text, and than 1, which fits the calibration's own errors; "
-        "benchmarks/results/ood_diagnosis.md), 0 for encoders (minilm_drift.md: within the seed spread) and the other variants.",
+        "benchmarks/results/ood_diagnosis.md), 0 for encoders (minilm_drift.md: within the seed spread) and the "
+        "other variants.",
     )
     refit: bool = _help("Least-squares refit of the consumer layer on the kept channels.", True)
     bias_shift: bool = _help(
