@@ -59,7 +59,6 @@ RECOVERY = {"max_steps": 16, "batch_size": 4}
 METHODS: dict[str, dict] = {
     "default": {},
     "default, no synthetic": {"synthetic_samples": 0},
-    "default + 7 synthetic": {"synthetic_samples": 7},
     "default, global budget": {"budget": "global"},
     "flap": {"method": "flap"},
     "wanda-sp": {"method": "wanda-sp"},
@@ -70,9 +69,9 @@ METHODS: dict[str, dict] = {
     "default + LoRA recovery": {"recover": RECOVERY},
     "flap + LoRA recovery": {"method": "flap", "recover": RECOVERY},
 }
-# Run unless --methods says otherwise. The two synthetic variants differ from the default only at some n (the default
-# writes 8 sequences for calibrations of fewer than 8192 tokens: n < 16 here): ask for them where wanted, and the
-# recovery rows too (each adds a fine-tune).
+# Run unless --methods says otherwise. "default, no synthetic" differs from the default only at n < 16 (the default
+# writes 8 sequences for calibrations of fewer than 8192 tokens): ask for it where wanted, and for the recovery rows
+# too (each adds a fine-tune).
 DEFAULT_RUN = [name for name in METHODS if "synthetic" not in name and "recovery" not in name]
 # Margin rows under each table: (peer, ours).
 MARGINS = (("flap", "default"), ("wanda-sp", "default"), ("flap + LoRA recovery", "default + LoRA recovery"))
@@ -138,8 +137,8 @@ def table(records: list[dict]) -> str:
              "The default adds 8 sequences the dense model writes itself, from prompts of 64 tokens of the real ones, "
              "to a calibration of fewer than 8192 tokens (n < 16; hf_subprune/synthetic.py); rows named \"until "
              "2026-12-03\" ran before that rule (then: 8-token prompts, topping n = 1 and 2 up to 8 sequences, and "
-             "FLAP got them too); \"default, no synthetic\" is the default without them, \"default + 7 synthetic\" "
-             "the earlier code with 7 from 8-token prompts at any n. Since 2026-12-04 the default's refit target "
+             "FLAP got them too); \"default, no synthetic\" is the default without them, \"default + 7 synthetic, until "
+             "2026-12-03\" the earlier code with 7 from 8-token prompts at any n. Since 2026-12-04 the default's refit target "
              "also undoes half the drift of the stream from the dense model's (drift_correction 0.5); rows named "
              "\"until 2026-12-04\" ran without it. \"+ LoRA recovery\": then fine-tuned on the same n sequences "
              f"({RECOVERY['max_steps']} steps of {RECOVERY['batch_size']}, recover()'s LoRA defaults, LM loss). "
