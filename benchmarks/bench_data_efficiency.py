@@ -224,7 +224,7 @@ def main() -> None:
     parser.add_argument("--n", default="1,2,4,8,16,32,64,128", help="calibration sequence counts")
     parser.add_argument("--seeds", default="0,1,2", help="seeds (calibration windows) for n <= --seeds-up-to")
     parser.add_argument("--seeds-up-to", type=int, default=16)
-    parser.add_argument("--methods", default=",".join(DEFAULT_RUN),
+    parser.add_argument("--methods", default=";".join(DEFAULT_RUN),
                         help="names from METHODS, or name=JSON of PruneConfig settings, separated by commas (or by "
                         "';' where a name holds a comma, e.g. 'default, global budget;flap')")
     parser.add_argument("--seq-len", type=int, default=512)
