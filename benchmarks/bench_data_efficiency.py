@@ -137,10 +137,10 @@ def table(records: list[dict]) -> str:
              "The default adds 8 sequences the dense model writes itself, from prompts of 64 tokens of the real ones, "
              "to a calibration of fewer than 8192 tokens (n < 16; hf_subprune/synthetic.py); rows named \"until "
              "2026-12-03\" ran before that rule (then: 8-token prompts, topping n = 1 and 2 up to 8 sequences, and "
-             "FLAP got them too); \"default, no synthetic\" is the default without them, \"default + 7 synthetic, until "
-             "2026-12-03\" the earlier code with 7 from 8-token prompts at any n. Since 2026-12-04 the default's refit target "
-             "also undoes half the drift of the stream from the dense model's (drift_correction 0.5); rows named "
-             "\"until 2026-12-04\" ran without it. \"+ LoRA recovery\": then fine-tuned on the same n sequences "
+             "FLAP got them too); \"default, no synthetic\" is the default without them, \"default + 7 "
+             "synthetic, until 2026-12-03\" the earlier code with 7 from 8-token prompts at any n. Since 2026-12-04 "
+             "the default's refit target also undoes half the drift of the stream from the dense model's "
+             "(drift_correction 0.5); rows named \"until 2026-12-04\" ran without it. \"+ LoRA recovery\": then fine-tuned on the same n sequences "
              f"({RECOVERY['max_steps']} steps of {RECOVERY['batch_size']}, recover()'s LoRA defaults, LM loss). "
              "Last rows of each table: how much higher a peer's perplexity is than ours (geometric means; the goal "
              "is >= +10% at n <= 8).", ""]
@@ -229,7 +229,8 @@ def main() -> None:
                         "';' where a name holds a comma, e.g. 'default, global budget;flap')")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=16384,
-                        help="tokens of the calibration's own domain (the committed tables: 16384; issue 11 asks 65536)")
+                        help="tokens of WikiText-2 test (the main tables: 16384; issue 11 asks 65536, "
+                        "data_efficiency_smollm2_eval64k)")
     parser.add_argument("--xeval-tokens", type=int, default=16384, help="tokens of each other domain")
     parser.add_argument("--texts", help="only these evaluation texts (comma-separated)")
     parser.add_argument("--name", help="results file stem (default data_efficiency_smollm2)")
