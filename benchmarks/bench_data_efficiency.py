@@ -140,7 +140,8 @@ def table(records: list[dict]) -> str:
              "FLAP got them too); \"default, no synthetic\" is the default without them, \"default + 7 "
              "synthetic, until 2026-12-03\" the earlier code with 7 from 8-token prompts at any n. Since 2026-12-04 "
              "the default's refit target also undoes half the drift of the stream from the dense model's "
-             "(drift_correction 0.5); rows named \"until 2026-12-04\" ran without it. \"+ LoRA recovery\": then fine-tuned on the same n sequences "
+             "(drift_correction 0.5); rows named \"until 2026-12-04\" ran without it. \"+ LoRA recovery\": then "
+             "fine-tuned on the same n sequences "
              f"({RECOVERY['max_steps']} steps of {RECOVERY['batch_size']}, recover()'s LoRA defaults, LM loss). "
              "Last rows of each table: how much higher a peer's perplexity is than ours (geometric means; the goal "
              "is >= +10% at n <= 8).", ""]
