@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,6 +37,13 @@ from hf_subprune import prune  # noqa: E402
 from hf_subprune.integrations.recovery import RecoveryConfig, _teacher_written, finetune, lm_examples  # noqa: E402
 
 STEM = "recovery_distill_lr"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def commit() -> str:
+    """The code a row was measured with (the default's pruning changes between commits)."""
+    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
 
 
 def table(records: list[dict], reference: dict, sparsity: float = 0.2) -> str:
@@ -52,7 +60,7 @@ def table(records: list[dict], reference: dict, sparsity: float = 0.2) -> str:
              "train s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(records, key=lambda r: (r.get("teacher_samples", 0), r["steps"], r["lr"])):
-        ratio = r["wikitext"] / reference["wikitext"]
+        ratio = r["wikitext"] / r.get("reference", reference)["wikitext"]
         lines.append(f"| {r['lr']:g} | {r['steps']} | {r.get('teacher_samples', 0)} | {r['wikitext']:.2f} | "
                      f"{ratio:.3f}x | {r['heldout']:.2f} | "
                      f"{r['loss']['first']:.3f} -> {r['loss']['last']:.3f} | {r['seconds']:.0f} |")
@@ -66,12 +74,14 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--sparsity", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--name", default=None,
+                        help="results file stem (default: recovery_distill_lr, _<percent> for another sparsity)")
     add_data_arguments(parser)
     args = parser.parse_args()
     require(args.data, args.hub, wikitext=("valid", "test"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    stem = STEM if args.sparsity == 0.2 else f"{STEM}_{round(100 * args.sparsity)}"
+    stem = args.name or (STEM if args.sparsity == 0.2 else f"{STEM}_{round(100 * args.sparsity)}")
     jsonl = RESULTS / f"{stem}.jsonl"
     records = [json.loads(line) for line in jsonl.read_text().splitlines() if line] if jsonl.exists() else []
     runs = [(float(lr), int(steps), int(rest[0]) if rest else 0)
@@ -100,7 +110,8 @@ def main() -> None:
         model, stats = finetune(copy.deepcopy(pruned), task.tokenizer, examples, task.recovery_config("full", True),
                                 teacher=task.model, device="cpu", progress=False)
         q = task.quality(model)
-        row = {"lr": lr, "steps": steps, "teacher_samples": written, **extra,
+        row = {"lr": lr, "steps": steps, "teacher_samples": written, **extra, "reference": reference,
+               "commit": commit(),
                "wikitext": q["wikitext2_test"]["perplexity"],
                "heldout": q["heldout"]["perplexity"], "loss": stats.get("loss"), "seconds": stats.get("seconds")}
         records.append(row)
