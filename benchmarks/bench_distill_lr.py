@@ -12,6 +12,8 @@ blocks (``recover(teacher_samples=N)``) to the 32 it distils on.
 
 Each finished run is appended to benchmarks/results/recovery_distill_lr.jsonl (rerunning skips those there) and the
 table rewritten to recovery_distill_lr.md; another sparsity than 20% writes recovery_distill_lr_<percent>.{jsonl,md}.
+--name picks another stem (e.g. to keep runs of a newer pruning default apart); each row records the pruned
+model it started from (`reference`) and the commit.
 --data points at the shared data folder (default ../shared/data).
 """
 
