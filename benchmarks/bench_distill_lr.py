@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,17 +34,11 @@ import torch  # noqa: E402
 
 from bench_recovery import RESULTS, Task  # noqa: E402
 from data import add_data_arguments, require  # noqa: E402
+from provenance import commit  # noqa: E402
 from hf_subprune import prune  # noqa: E402
 from hf_subprune.integrations.recovery import RecoveryConfig, _teacher_written, finetune, lm_examples  # noqa: E402
 
 STEM = "recovery_distill_lr"
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def commit() -> str:
-    """The code a row was measured with (the default's pruning changes between commits)."""
-    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
 
 
 def table(records: list[dict], reference: dict, sparsity: float = 0.2) -> str:

@@ -33,7 +33,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import ROOT, commit  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 # name: (hidden, MLP width, layers, heads, kv heads); vocabulary 49152 (SmolLM2's tokenizer), tied embeddings
@@ -125,8 +128,7 @@ def bare_import_rss(python: str) -> int:
 
 def run_synthetic(args, python: str) -> list[dict]:
     rows = []
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    code = commit()
     base = bare_import_rss(python)
     print(f"bare `import hf_subprune`: peak RSS {base / 2**30:.2f} GiB", flush=True)
     for name in args.sizes:
@@ -148,7 +150,7 @@ def run_synthetic(args, python: str) -> list[dict]:
                    "peak_rss_bytes": run["peak_rss_bytes"], "import_rss_bytes": base,
                    "peak_above_import_over_disk": (run["peak_rss_bytes"] - base) / disk,
                    "prune_args": args.prune_args, "mmap_threshold": args.mmap_threshold,
-                   "commit": commit}
+                   "commit": code}
             rows.append(row)
             print(f"{name}: {params / 1e9:.2f}B parameters, {disk / 2**30:.2f} GiB on disk, {run['seconds']:.0f} s, "
                   f"peak {run['peak_rss_bytes'] / 2**30:.2f} GiB ({row['peak_above_import_over_disk']:.2f}x disk "
@@ -163,11 +165,7 @@ def run_demo(args, python: str) -> list[dict]:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.before], check=True,
                        capture_output=True)
         try:
-            commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], check=True,
-                                    capture_output=True, text=True).stdout.strip()
-            head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True,
-                                  capture_output=True, text=True).stdout.strip()
-            for label, path, ref in [("before", tree, commit), ("after", ROOT, head)]:
+            for label, path, ref in [("before", tree, commit(tree)), ("after", ROOT, commit())]:
                 out = Path(tmp) / f"out-{label}"
                 run = run_measured([python, "-m", "hf_subprune", *DEMO, "--output", str(out)],
                                    env=_python_env(path), cwd=tmp)

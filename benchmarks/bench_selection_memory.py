@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -21,10 +20,11 @@ from pathlib import Path
 import psutil
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hf_subprune.maths.selection import SiteStatistics, greedy_select  # noqa: E402
+from provenance import ROOT, commit  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -60,9 +60,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    row = {"commit": commit, "d": d, "m": m, "kept": keep, "tokens": args.tokens, "threads": args.threads,
+    row = {"commit": commit(), "d": d, "m": m, "kept": keep, "tokens": args.tokens, "threads": args.threads,
            "solve_dtype": sel.diagnostics["solve_dtype"], "seconds": seconds,
            "peak_above_statistics_mib": (peak[0] - base) / 2**20}
     jsonl = RESULTS / "selection_memory.jsonl"
