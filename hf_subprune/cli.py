@@ -48,8 +48,8 @@ def _recovery_flags(parser, *, within_prune: bool) -> None:
     parser.add_argument("--lora-alpha", type=positive_int, default=None, help=f"{when}LoRA alpha (default: 16)")
     parser.add_argument("--full", action="store_true", help=f"{when}fine-tune every weight instead of LoRA adapters")
     parser.add_argument("--lr", type=float, default=None,
-                        help=f"{when}learning rate (default: 2e-4 with LoRA, 2e-5 with --full; 5x those with "
-                             "--distill alone)")
+                        help=f"{when}learning rate (default: 2e-4 with LoRA, 2e-5 with --full; with --distill "
+                             "alone 5x the LoRA rate, 20x the full one)")
     parser.add_argument("--distill", action="store_true",
                         help=f"{when}train on the KL divergence from the teacher's output distribution (no labels "
                              "needed) instead of the model's own loss")
@@ -65,6 +65,9 @@ def _recovery_flags(parser, *, within_prune: bool) -> None:
     parser.add_argument("--finetune-batch-size" if within_prune else "--batch-size", dest="finetune_batch_size",
                         type=positive_int, default=None, metavar="N",
                         help=f"{when}sequences per training step (default: 4)")
+    parser.add_argument("--bf16", action="store_true",
+                        help=f"{when}bfloat16 mixed precision (autocast; the weights and optimizer state stay "
+                             "float32): 3x faster on CPUs with AMX and on GPUs")
 
 
 def _recovery_settings(args) -> dict:
@@ -74,7 +77,7 @@ def _recovery_settings(args) -> dict:
                 if getattr(args, key) is not None}
     if args.finetune_batch_size is not None:
         settings["batch_size"] = args.finetune_batch_size
-    settings.update({key: True for key in ("full", "distill") if getattr(args, key)})
+    settings.update({key: True for key in ("full", "distill", "bf16") if getattr(args, key)})
     return settings
 
 

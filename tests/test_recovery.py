@@ -179,12 +179,22 @@ def test_distillation_from_the_base_model_lowers_its_loss(pruned_dirs, base_dir)
     assert 0 < recovery["loss"]["last"] < recovery["loss"]["first"]
 
 
+def test_distillation_in_bf16_mixed_precision(pruned_dirs):
+    """bf16 autocast for student and teacher: the weights stay float32, the KL still falls, and the report
+    records the setting."""
+    result = recover(pruned_dirs["stock"], "calibration", distill=True, full=True, bf16=True, max_steps=8,
+                     batch_size=8, lr=1e-3, progress=False)
+    assert result.recovery["config"]["bf16"] is True
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}
+    assert 0 < result.recovery["loss"]["last"] < result.recovery["loss"]["first"]
+
+
 def test_default_learning_rates():
-    """LoRA 2e-4, full 2e-5; distillation alone five times those (its gradients are smaller); a mix keeps the
-    language-model loss's; a rate given is used as given."""
+    """LoRA 2e-4, full 2e-5; distillation alone (smaller gradients) 5x the LoRA rate and 20x the full one; a mix
+    keeps the language-model loss's; a rate given is used as given."""
     assert RecoveryConfig().learning_rate == 2e-4 and RecoveryConfig(full=True).learning_rate == 2e-5
     assert RecoveryConfig(distill=True).learning_rate == pytest.approx(1e-3)
-    assert RecoveryConfig(full=True, distill=True).learning_rate == pytest.approx(1e-4)
+    assert RecoveryConfig(full=True, distill=True).learning_rate == pytest.approx(4e-4)
     assert RecoveryConfig(full=True, distill=True, distill_weight=0.5).learning_rate == 2e-5
     assert RecoveryConfig(full=True, distill=True, lr=3e-5).learning_rate == 3e-5
 
