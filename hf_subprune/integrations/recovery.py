@@ -383,6 +383,8 @@ def finetune(model: nn.Module, tokenizer, examples: list[dict], config: Recovery
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
+        if config.bf16:  # the Trainer left an autocast wrapper on the model's forward: the model goes back plain
+            trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         state = trainer.state
         del trainer
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
