@@ -10,7 +10,8 @@ children's, is sampled every 20 ms (psutil):
   relative to the smallest size (goal: not growing).
 - ``demo``: the README's first command (SmolLM2-135M, 20%, 32 x 256 tokens, --evaluate) with the code at --before
   (a git ref, checked out in a temporary worktree and put first on PYTHONPATH) and with this checkout, one after
-  the other on the same machine (goal: >= 2x faster end to end).
+  the other on the same machine, once per --demo-dtypes value (goal: >= 2x faster end to end). bfloat16 is what the
+  README runs: on a CPU with AMX its products are about 9x float32's.
 
     python benchmarks/bench_scale.py                        # both cases
     python benchmarks/bench_scale.py --cases synthetic --sizes 0.1b,0.35b
@@ -165,26 +166,30 @@ def run_demo(args, python: str) -> list[dict]:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.before], check=True,
                        capture_output=True)
         try:
-            for label, path, ref in [("before", tree, commit(tree)), ("after", ROOT, commit())]:
-                out = Path(tmp) / f"out-{label}"
-                run = run_measured([python, "-m", "hf_subprune", *DEMO, "--output", str(out)],
-                                   env=_python_env(path), cwd=tmp)
-                if run["returncode"] != 0:
-                    print(run["output_tail"], flush=True)
-                report = out / "subprune_report.json"
-                quality = json.loads(report.read_text()).get("evaluation", {}) if report.exists() else {}
-                rows.append({"case": "demo", "size": label, "ref": ref, "seconds": run["seconds"],
-                             "returncode": run["returncode"], "peak_rss_bytes": run["peak_rss_bytes"],
-                             "evaluation": quality})
-                print(f"demo {label} ({ref}): {run['seconds']:.0f} s, peak {run['peak_rss_bytes'] / 2**30:.2f} GiB",
-                      flush=True)
+            for dtype in args.demo_dtypes:
+                for label, path, ref in [("before", tree, commit(tree)), ("after", ROOT, commit())]:
+                    out = Path(tmp) / f"out-{label}-{dtype}"
+                    env = _python_env(path)
+                    if args.threads:
+                        env["OMP_NUM_THREADS"] = str(args.threads)
+                    run = run_measured([python, "-m", "hf_subprune", *DEMO, "--dtype", dtype, "--output", str(out)],
+                                       env=env, cwd=tmp)
+                    if run["returncode"] != 0:
+                        print(run["output_tail"], flush=True)
+                    report = out / "subprune_report.json"
+                    quality = json.loads(report.read_text()).get("evaluation", {}) if report.exists() else {}
+                    rows.append({"case": "demo", "size": label, "dtype": dtype, "threads": args.threads or None,
+                                 "ref": ref, "seconds": run["seconds"], "returncode": run["returncode"],
+                                 "peak_rss_bytes": run["peak_rss_bytes"], "evaluation": quality})
+                    print(f"demo {label} ({ref}, --dtype {dtype}): {run['seconds']:.0f} s, peak "
+                          f"{run['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
     return rows
 
 
 def _key(row: dict) -> tuple:
-    return row["case"], row["size"], row.get("mmap_threshold", 0), row.get("commit", "")
+    return row["case"], row["size"], row.get("mmap_threshold", 0), row.get("commit", ""), row.get("dtype", "auto")
 
 
 def table(rows: list[dict], env: dict) -> str:
@@ -206,21 +211,21 @@ def table(rows: list[dict], env: dict) -> str:
                      f"| {r.get('mmap_threshold') or '-'} | {r['seconds']:.0f} "
                      f"| {rate:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['peak_above_import_over_disk']:.2f} "
                      f"({ok}) |")
-    demo = {r["size"]: r for r in rows if r["case"] == "demo"}
+    demo = {(r.get("dtype", "auto"), r["size"]): r for r in rows if r["case"] == "demo"}
     if demo:
         lines += ["", "## The README's demo command, before and after (same machine, one run)", "",
-                  "`hf-subprune " + " ".join(DEMO) + " --output OUT`", "",
-                  "| code | commit | seconds | peak RSS GiB | perplexity before -> after | speed-up |",
-                  "| --- | --- | ---: | ---: | --- | ---: |"]
-        for label in ("before", "after"):
-            r = demo.get(label)
-            if r is None:
-                continue
+                  "`hf-subprune " + " ".join(DEMO) + " --dtype DTYPE --output OUT`; threads: OMP_NUM_THREADS "
+                  "(`-` = torch's default). Speed-up: against the code before, same dtype.", "",
+                  "| code | commit | --dtype | threads | seconds | peak RSS GiB | perplexity before -> after "
+                  "| speed-up |",
+                  "| --- | --- | --- | --- | ---: | ---: | --- | ---: |"]
+        for dtype, label in sorted(demo, key=lambda key: (key[0] != "auto", key[0], key[1] != "before")):
+            r, before = demo[(dtype, label)], demo.get((dtype, "before"))
             ppl = r["evaluation"].get("perplexity") or {}
             quality = f"{ppl['before']:.2f} -> {ppl['after']:.2f}" if ppl else "-"
-            speed = f"{demo['before']['seconds'] / r['seconds']:.2f}x" if "before" in demo else "-"
-            lines.append(f"| {label} | {r['ref']} | {r['seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} "
-                         f"| {quality} | {speed} |")
+            speed = f"{before['seconds'] / r['seconds']:.2f}x" if before else "-"
+            lines.append(f"| {label} | {r['ref']} | {dtype} | {r.get('threads') or '-'} | {r['seconds']:.0f} "
+                         f"| {r['peak_rss_bytes'] / 2**30:.2f} | {quality} | {speed} |")
     return "\n".join(lines) + "\n"
 
 
@@ -230,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated of {', '.join(SIZES)}")
     parser.add_argument("--before", default="7c33c50", help="git ref of the 'before' demo run (default: %(default)s, "
                         "the code when the scale issue was filed)")
+    parser.add_argument("--demo-dtypes", default="auto,bfloat16",
+                        help="comma-separated --dtype values the demo runs with, before and after (default: "
+                        "%(default)s)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="OMP_NUM_THREADS for the demo runs (0: torch's default)")
     parser.add_argument("--prune-args", nargs=argparse.REMAINDER, default=[],
                         help="further flags for the synthetic prunes (after everything else)")
     parser.add_argument("--mmap-threshold", type=int, default=0,
@@ -238,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.sizes = [s for s in args.sizes.split(",") if s]
+    args.demo_dtypes = [d for d in args.demo_dtypes.split(",") if d]
     unknown = [s for s in args.sizes if s not in SIZES]
     if unknown:
         parser.error(f"unknown sizes {unknown}; choose from {list(SIZES)}")

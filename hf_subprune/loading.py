@@ -289,4 +289,24 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str | None = N
     if device:
         model.to(device)
     model.eval()
+    _warn_slow_half_precision(model, device)
     return model, tokenizer, base
+
+
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU computes in ``dtype`` natively (bfloat16: AVX512-BF16 or AMX; float16: AMX-FP16); float32
+    and float64 always. Without it torch emulates half precision, several times slower than float32."""
+    probes = {torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+              torch.float16: ("_is_amx_fp16_supported",)}.get(dtype)
+    if probes is None:
+        return True
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def _warn_slow_half_precision(model, device: str | None) -> None:
+    """A half-precision model on a CPU that only emulates it: say so (it is faster in float32 there)."""
+    dtype = next(model.parameters()).dtype
+    if (device is None or torch.device(device).type == "cpu") and not cpu_has_native(dtype):
+        name = str(dtype).removeprefix("torch.")
+        _log.warning(f"this CPU has no native {name} arithmetic: torch emulates it, several times slower than "
+                     f"float32; load the model with --dtype float32 (dtype='float32') unless memory is short")

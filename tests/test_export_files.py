@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from hf_subprune import PruneConfig, prune
 from hf_subprune.config import CONFIG_FILE
@@ -161,3 +162,21 @@ def test_config_from_pretrained_refuses_unknown_keys(tmp_path):
     (tmp_path / CONFIG_FILE).write_text(json.dumps(data))
     with pytest.raises(ValueError, match="unknown PruneConfig keys: sparsty"):
         PruneConfig.from_pretrained(tmp_path)
+
+
+def test_half_precision_on_a_cpu_that_emulates_it_is_warned(hf_subprune_log, monkeypatch):
+    """bfloat16 without AVX512-BF16 or AMX runs several times slower than float32: the load says so; float32 and a
+    CPU with native bfloat16 stay silent."""
+    from hf_subprune import loading
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    native = loading.cpu_has_native(torch.bfloat16)
+    loading._warn_slow_half_precision(model, None)
+    assert ("no native bfloat16" in hf_subprune_log.text) == (not native)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    hf_subprune_log.clear()
+    loading._warn_slow_half_precision(model.float(), "cpu")
+    assert "no native" not in hf_subprune_log.text
+    loading._warn_slow_half_precision(model.to(torch.bfloat16), "cpu")
+    assert "no native bfloat16 arithmetic" in hf_subprune_log.text and "--dtype float32" in hf_subprune_log.text

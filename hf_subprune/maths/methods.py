@@ -346,7 +346,8 @@ def flap_unit_scores(variance: torch.Tensor, weight: torch.Tensor, layout: Group
     scores are standardised over the site's columns, then averaged over each unit's columns (a head, a kv
     group, or a single neuron), so that units of different layers and site types compare on one scale.
     """
-    column = variance.to(torch.float64) * weight.to(torch.float64).square().sum(0).to(variance.device)
+    energy = torch.linalg.vector_norm(weight, dim=0, dtype=torch.float64).square()  # no float64 copy of W
+    column = variance.to(torch.float64) * energy.to(variance.device)
     if squared:
         column = column.square()
     return _standardise(column)[layout.columns.to(column.device)].mean(-1)

@@ -55,6 +55,10 @@ def register_model_pass(name: str):
     return wrap
 
 
+MOMENT_ROWS = 256
+"""Token rows that ``_Moments.update`` widens to float64 at a time."""
+
+
 @dataclass
 class _Moments:
     """Token count, sum and sum of squares of each input column of a consumer.
@@ -75,10 +79,12 @@ class _Moments:
         return cls(z(()), z(d), z(d))
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(device=self.total.device, dtype=torch.float64)
+        x = x.reshape(-1, x.shape[-1])
         self.count += x.shape[0]
-        self.total += x.sum(0)
-        self.squares += x.square().sum(0)
+        for lo in range(0, x.shape[0], MOMENT_ROWS):  # float64 copies of a few rows at a time, not of the batch
+            rows = x[lo : lo + MOMENT_ROWS].to(device=self.total.device, dtype=torch.float64)
+            self.total += rows.sum(0)
+            self.squares += rows.square().sum(0)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.count, self.total, self.squares]
