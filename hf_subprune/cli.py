@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -366,7 +367,15 @@ def _push(args) -> int:
     return 0
 
 
+ONEDNN_CACHE = "16"
+"""oneDNN primitives the CLI's process keeps (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, unless set): each new matrix
+shape of a bfloat16 product caches one with its buffers (about 2 MB each), and pruned blocks of per-layer widths make
+new shapes all the time; the default 1024 let a 1.2B prune grow by hundreds of MB. 16 covers one block's shapes."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Before any product creates oneDNN's cache (the process is the CLI's own; a Python caller chooses for itself).
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE)
     args = build_parser().parse_args(argv)
     from .adapters import UnsupportedModelError
     from .calibration import CalibrationError
