@@ -237,9 +237,11 @@ def _quiet() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    import datasets
-
-    datasets.disable_progress_bars()
+    # datasets reads the variable when it is imported; importing it here only to switch its bars off would cost
+    # 80 MB (pyarrow) in a run that may never load a dataset.
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def _prune(args) -> int:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from transformers.utils import logging as hf_logging
 
@@ -37,3 +41,13 @@ def test_messages_follow_transformers_verbosity(capfd, restore_logging):
     assert "kept widths remove" in _run(capfd)  # the budget's note, logged at info level
     hf_logging.set_verbosity_warning()
     assert "kept widths remove" not in _run(capfd)
+
+
+def test_quiet_switches_datasets_bars_off_without_importing_it():
+    """The CLI's --quiet must not import datasets (80 MB of pyarrow for a run that may load none), yet datasets,
+    once a run imports it, starts with its bars off."""
+    code = ("import sys; from hf_subprune.cli import _quiet; _quiet(); imported = 'datasets' in sys.modules; "
+            "import datasets; print(imported, datasets.is_progress_bar_enabled())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout.split()
+    assert out == ["False", "False"]
