@@ -309,4 +309,4 @@ def _warn_slow_half_precision(model, device: str | None) -> None:
     if (device is None or torch.device(device).type == "cpu") and not cpu_has_native(dtype):
         name = str(dtype).removeprefix("torch.")
         _log.warning(f"this CPU has no native {name} arithmetic: torch emulates it, several times slower than "
-                     f"float32; load the model with --dtype float32 (dtype='float32') unless memory is short")
+                     "float32; load the model with --dtype float32 (dtype='float32') unless memory is short")
