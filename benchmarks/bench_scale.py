@@ -166,8 +166,9 @@ def run_demo(args, python: str) -> list[dict]:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.before], check=True,
                        capture_output=True)
         try:
+            codes = [("before", tree, commit(tree)), ("after", ROOT, commit())]
             for dtype in args.demo_dtypes:
-                for label, path, ref in [("before", tree, commit(tree)), ("after", ROOT, commit())]:
+                for label, path, ref in codes:
                     out = Path(tmp) / f"out-{label}-{dtype}"
                     env = _python_env(path)
                     if args.threads:

@@ -265,9 +265,8 @@ def _distillation_trainer():
             labels = inputs.get("labels") if self.weight < 1 else None
             student_inputs = {k: v for k, v in inputs.items() if k != "labels" or labels is not None}
             outputs = model(**student_inputs)
-            # The student runs under the Trainer's autocast (mixed precision); the teacher, not prepared by it,
-            # gets the same one here.
-            with torch.no_grad(), torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            # The student runs under the Trainer's mixed precision; the teacher, not prepared by it, gets the same.
+            with torch.no_grad(), self.accelerator.autocast():
                 target = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
             logits = outputs.logits.float()
             if logits.shape != target.shape:
@@ -383,8 +382,8 @@ def finetune(model: nn.Module, tokenizer, examples: list[dict], config: Recovery
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-        if config.bf16:  # the Trainer left an autocast wrapper on the model's forward: the model goes back plain
-            trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        # Under mixed precision the Trainer leaves an autocast wrapper on the model's forward: it goes back plain.
+        trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         state = trainer.state
         del trainer
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
