@@ -332,8 +332,9 @@ def prune(
                                                            padded=attention_mask is not None)
     tokens = int(input_ids.numel() if attention_mask is None else attention_mask.sum())
     config, budget_notes = resolve_budget(config, tokens, adapter.causal_lm)
-    config = dataclasses.replace(config, drift_correction=drift_correction_for(
-        config.drift_correction, config.variant, adapter.causal_lm))
+    correction = drift_correction_for(config.drift_correction, config.variant, adapter.causal_lm)
+    config = dataclasses.replace(config, drift_correction=correction, refit_full_width=bool(
+        correction) if config.refit_full_width is None else config.refit_full_width)
     budget_notes[:0] = synthetic_notes
     if len(input_ids) < world:
         raise ValueError(f"{len(input_ids)} calibration samples cannot be shared by {world} processes: "

@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flag(p, "--attention-mode", "attention_mode", choices=ATTENTION_MODES)
     p.add_argument("--no-refit", dest="refit", action="store_const", const=False, default=None,
                    help="keep the original consumer columns instead of the least-squares refit")
+    _config_flag(p, "--refit-full-width", "refit_full_width", action=argparse.BooleanOptionalAction)
     _config_flag(p, "--damping", "damping", type=float)
     _config_flag(p, "--shrinkage", "shrinkage", type=float)
     _config_flag(p, "--token-weights", "token_weights", choices=TOKEN_WEIGHTS)
@@ -253,8 +254,9 @@ def _prune(args) -> int:
     from .loading import base_license, load_model
 
     fields = ("sparsity", "mlp_sparsity", "attention_sparsity", "num_samples", "synthetic_samples", "seq_len",
-              "batch_size", "method", "variant", "drift_correction", "attention_mode", "refit", "damping", "shrinkage",
-              "token_weights", "selection_error", "seed", "device", "budget", "mlp_multiple", "min_width_fraction")
+              "batch_size", "method", "variant", "drift_correction", "attention_mode", "refit", "refit_full_width",
+              "damping", "shrinkage", "token_weights", "selection_error", "seed", "device", "budget", "mlp_multiple",
+              "min_width_fraction")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.quiet:
         _quiet()

@@ -116,6 +116,14 @@ class PruneConfig:
         "other variants.",
     )
     refit: bool = _help("Least-squares refit of the consumer layer on the kept channels.", True)
+    refit_full_width: bool | None = _help(
+        "Refit the consumer of the sites that keep all their channels too (under a per-layer budget most attention "
+        "sites and some MLPs): their target also differs from what the layer computes (the drift correction, an "
+        "earlier cut in the same block), and the refit undoes part of that there as well. Costs one more statistics "
+        "pass per such site (SmolLM2 at 20%: +35% prune time). None (default): on wherever the drift correction is "
+        "(causal LMs; on SmolLM2 at 20%, n = 4-8, 0.4-1.9% lower WikiText-2 perplexity and mostly lower on other "
+        "text: benchmarks/results/ood_diagnosis.md).",
+    )
     bias_shift: bool = _help(
         "Fit a bias correction too (only where the consumer layer has a bias: BERT, GPT-2).", True
     )

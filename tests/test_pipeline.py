@@ -95,7 +95,7 @@ def test_grouped_query_modes_give_valid_configs(mode, tmp_path):
         assert cfg.num_key_value_heads == 1 and cfg.num_attention_heads == 3
     else:
         assert cfg.num_key_value_heads == 2 and cfg.num_attention_heads == 2
-    assert all(s.kind == "attention" for s in result.sites)
+    assert all(s.kind == "attention" for s in result.sites if s.groups_kept < s.groups_before)
     folder = result.save(tmp_path / mode)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
     probe = calibration_ids(2, 12, seed=3)
@@ -323,3 +323,28 @@ def test_existing_output_folder_is_kept_unless_overwrite(tmp_path):
 def test_shipped_recipes_load(recipe):
     config = PruneConfig.from_file(recipe)
     assert config.sparsity is not None and config.num_samples >= 1
+
+
+def test_full_width_refit_fits_the_sites_kept_whole():
+    """``refit_full_width``: a site that keeps all its channels (here every attention, only MLPs are cut) is refit
+    too: its consumer changes but keeps its shape, the report lists it whole, and with the drift correction the
+    model's output on the calibration tokens comes closer to the dense model's than without that refit."""
+    ids = calibration_ids()
+    dense = tiny_model("llama")
+    with torch.no_grad():
+        reference = dense(ids).logits
+    errors, reports = {}, {}
+    for full_width in (False, True):
+        model = copy.deepcopy(dense)
+        reports[full_width] = prune(model, input_ids=ids, mlp_sparsity=0.3, drift_correction=1.0, shrinkage=0.0,
+                                    damping=1e-6, synthetic_samples=0, refit_full_width=full_width, progress=False)
+        with torch.no_grad():
+            errors[full_width] = float((model(ids).logits - reference).square().mean())
+        o_proj = find_blocks(model)[1][-1].self_attn.o_proj.weight
+        dense_o_proj = find_blocks(dense)[1][-1].self_attn.o_proj.weight
+        assert o_proj.shape == dense_o_proj.shape
+        assert torch.equal(o_proj, dense_o_proj) != full_width
+    whole = [s for s in reports[True].sites if s.kind == "attention"]
+    assert whole and all(s.groups_kept == s.groups_before for s in whole)
+    assert not [s for s in reports[False].sites if s.kind == "attention"]
+    assert errors[True] < errors[False]

@@ -291,7 +291,10 @@ def select(
     greedy = spec.score is None and spec.pick is None
     if greedy and selection_error == "original":
         spec = Method(spec.name, pick=layer_greedy_fs)
-    if spec.score is None and spec.pick is None:
+    everything = k is not None and k == layout.num_groups  # a site kept whole for its refit: nothing to choose
+    if everything:
+        greedy = False
+    if spec.score is None and spec.pick is None and not everything:
         result = greedy_select(
             stats, k, group_size, groups, damping=damping, bias_shift=bias_shift,
             partition=part, per_class=per_class, prior=prior, shrinkage=shrinkage, site=site,
@@ -299,7 +302,9 @@ def select(
     else:
         k, part = check_budget(k, layout, part, per_class)
         curve = torch.zeros(0)
-        if spec.pick is not None:
+        if everything:
+            kept = list(range(k))
+        elif spec.pick is not None:
             kept, curve = spec.pick(stats, weight.to(stats.gram), layout, k, part, per_class)
         else:
             kept = _top_k(spec.score(stats, weight, layout, seed), k, part, per_class)

@@ -172,6 +172,7 @@ def build_card(report: dict, plots: list[dict] | None = None, file_size: dict | 
     cal = report["calibration"]
     settings = [("method", cfg["method"]), ("variant", cfg["variant"]),
                 ("drift correction", cfg.get("drift_correction") or 0.0), ("refit", cfg["refit"]),
+                ("refit of sites kept whole", bool(cfg.get("refit_full_width"))),
                 ("budget", cfg["budget"]), ("sparsity", cfg["sparsity"]), ("mlp sparsity", cfg["mlp_sparsity"]),
                 ("attention sparsity", cfg["attention_sparsity"]), ("attention mode", cfg["attention_mode"]),
                 ("damping", cfg["damping"]), ("token weights", cfg.get("token_weights", "none")),

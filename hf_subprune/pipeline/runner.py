@@ -109,10 +109,15 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
     reports: list[SiteReport] = []
     correction = cfg.drift_correction or 0.0  # resolved by prune(); the config allows it on uncut-block targets only
     dense = list(inputs.hidden) if correction else None  # the dense model's stream, for the drift correction
+    cut_yet = False
     for step in walk_blocks(model, inputs, device, cfg.offload_device, desc="pruning blocks", show=show,
                             modifies=True):
         block = step.block
-        sites = block_sites(adapter, model.config, step.name, widths[step.index], mlp_width, cfg.attention_mode)
+        sites = block_sites(adapter, model.config, step.name, widths[step.index], mlp_width, cfg.attention_mode,
+                             full_width=bool(cfg.refit_full_width) and cfg.refit)
+        if not cut_yet:  # before the first cut the stream is the dense one: a whole site has nothing to undo
+            sites = sites[next((i for i, s in enumerate(sites) if not s.whole), len(sites)):]
+            cut_yet = bool(sites)
         original = copy.deepcopy(block) if sites and variant.needs_uncut_copy else block
         after: dict[str, list[torch.Tensor]] = {}
         start = time.perf_counter()

@@ -43,6 +43,11 @@ class Site:
     def num_groups(self) -> int:
         return self.groups.shape[0]
 
+    @property
+    def whole(self) -> bool:
+        """Keeps every group: only its consumer is refit (``PruneConfig.refit_full_width``)."""
+        return self.keep >= self.num_groups
+
     def rows_to_keep(self, kept_groups: list[int]) -> dict[str, torch.Tensor]:
         kept = torch.as_tensor(sorted(kept_groups), dtype=torch.long)
         # Ascending, so that a fused [q; k; v] projection keeps its segments in order.
@@ -97,11 +102,13 @@ def mlp_site(adapter: Adapter, name: str, width: int, keep: int) -> Site:
                 producer_rows={p: neurons for p in spec.producers}, residual=spec.residual)
 
 
-def block_sites(adapter: Adapter, config, block_name: str, widths, mlp_width: int, mode: str) -> list[Site]:
-    """The block's sites in forward order, skipping those left at full width (nothing to do there)."""
+def block_sites(adapter: Adapter, config, block_name: str, widths, mlp_width: int, mode: str,
+                full_width: bool = False) -> list[Site]:
+    """The block's sites in forward order, skipping those left at full width (nothing to cut there) unless
+    ``full_width`` asks for their refit too."""
     sites = []
-    if adapter.attention is not None and widths.heads < adapter.heads(config):
+    if adapter.attention is not None and (full_width or widths.heads < adapter.heads(config)):
         sites.append(attention_site(adapter, config, f"{block_name}.attention", widths.heads, widths.kv_heads, mode))
-    if widths.mlp < mlp_width:
+    if full_width or widths.mlp < mlp_width:
         sites.append(mlp_site(adapter, f"{block_name}.mlp", mlp_width, widths.mlp))
     return sites
