@@ -61,6 +61,7 @@ RECOVERY = {"max_steps": 16, "batch_size": 4}
 METHODS: dict[str, dict] = {
     "default": {},
     "default, no synthetic": {"synthetic_samples": 0},
+    "default, no whole-site refit": {"refit_full_width": False},
     "default, global budget": {"budget": "global"},
     "flap": {"method": "flap"},
     "wanda-sp": {"method": "wanda-sp"},
@@ -76,7 +77,8 @@ METHODS: dict[str, dict] = {
 # too (each adds a fine-tune).
 DEFAULT_RUN = [name for name in METHODS if "synthetic" not in name and "recovery" not in name]
 # Margin rows under each table: (peer, ours).
-MARGINS = (("flap", "default"), ("wanda-sp", "default"), ("flap + LoRA recovery", "default + LoRA recovery"))
+MARGINS = (("flap", "default"), ("flap", "default, no whole-site refit"), ("wanda-sp", "default"),
+           ("wanda-sp", "default, no whole-site refit"), ("flap + LoRA recovery", "default + LoRA recovery"))
 
 # Python source for the code domain: standard-library modules of the running interpreter, in this order.
 PYTHON_MODULES = ("inspect", "argparse", "typing", "dataclasses")
@@ -142,7 +144,12 @@ def table(records: list[dict]) -> str:
              "FLAP got them too); \"default, no synthetic\" is the default without them, \"default + 7 "
              "synthetic, until 2026-12-03\" the earlier code with 7 from 8-token prompts at any n. Since 2026-12-04 "
              "the default's refit target also undoes half the drift of the stream from the dense model's "
-             "(drift_correction 0.5); rows named \"until 2026-12-04\" ran without it. \"+ LoRA recovery\": then "
+             "(drift_correction 0.5); rows named \"until 2026-12-04\" ran without it. Since the eleventh session it also refits "
+             "the sites its widths keep whole (refit_full_width); \"default, no whole-site refit\" is the default "
+             "before that, and every other row named \"default...\" ran before it too. Rows named \"..., other texts "
+             "on 8192 tokens\" were scored on fewer tokens of the other texts than the rest (a protocol slip found "
+             "later; the dense model's perplexity there is 3-7% off its 16384-token one); a row with \"composed\" "
+             "takes WikiText-2 from such a run and the other texts from the same model rerun. \"+ LoRA recovery\": then "
              "fine-tuned on the same n sequences "
              f"({RECOVERY['max_steps']} steps of {RECOVERY['batch_size']}, recover()'s LoRA defaults, LM loss). "
              "Last rows of each table: how much higher a peer's perplexity is than ours (geometric means; the goal "
