@@ -120,9 +120,9 @@ class PruneConfig:
         "Refit the consumer of the sites that keep all their channels too (under a per-layer budget most attention "
         "sites and some MLPs): their target also differs from what the layer computes (the drift correction, an "
         "earlier cut in the same block), and the refit undoes part of that there as well. Costs one more statistics "
-        "pass per such site (SmolLM2 at 20%: +35% prune time). None (default): on wherever the drift correction is "
-        "(causal LMs; on SmolLM2 at 20%, n = 4-8, 0.4-1.9% lower WikiText-2 perplexity and mostly lower on other "
-        "text: benchmarks/results/ood_diagnosis.md).",
+        "pass per such site (SmolLM2 at 20%: +25-35% prune time). None (default): on wherever the drift correction is "
+        "(causal LMs; on SmolLM2 at 20%, n = 4-8, 0.5-1.9% lower WikiText-2 perplexity, SST-2 lower too, pydoc and "
+        "Python source within 0.9% either way: benchmarks/results/ood_diagnosis.md).",
     )
     bias_shift: bool = _help(
         "Fit a bias correction too (only where the consumer layer has a bias: BERT, GPT-2).", True

@@ -230,6 +230,12 @@ def test_drift_correction_defaults_and_bounds():
     assert prune(tiny_model("llama"), input_ids=ids, sparsity=0.3, budget="uniform", variant="sequential",
                  progress=False).config.drift_correction == 0.0
     assert prune(tiny_model("bert"), input_ids=ids, sparsity=0.3, progress=False).config.drift_correction == 0.0
+    # The whole-site refit follows the drift correction unless asked for.
+    assert prune(tiny_model("llama"), input_ids=ids, sparsity=0.3, budget="uniform", synthetic_samples=0,
+                 progress=False).config.refit_full_width is True
+    assert prune(tiny_model("bert"), input_ids=ids, sparsity=0.3, progress=False).config.refit_full_width is False
+    assert prune(tiny_model("llama"), input_ids=ids, sparsity=0.3, budget="uniform", synthetic_samples=0,
+                 refit_full_width=False, progress=False).config.refit_full_width is False
     with pytest.raises(ValueError, match=r"drift_correction must be in \[0, 1\]"):
         PruneConfig(sparsity=0.3, drift_correction=1.5)
     with pytest.raises(ValueError, match="variant='asymmetric'"):
