@@ -333,8 +333,9 @@ def prune(
     tokens = int(input_ids.numel() if attention_mask is None else attention_mask.sum())
     config, budget_notes = resolve_budget(config, tokens, adapter.causal_lm)
     correction = drift_correction_for(config.drift_correction, config.variant, adapter.causal_lm)
-    config = dataclasses.replace(config, drift_correction=correction, refit_full_width=bool(
-        correction) if config.refit_full_width is None else config.refit_full_width)
+    # Sites kept whole are refit by default wherever the drift correction gives their target something to undo.
+    whole = bool(correction) if config.refit_full_width is None else config.refit_full_width
+    config = dataclasses.replace(config, drift_correction=correction, refit_full_width=whole)
     budget_notes[:0] = synthetic_notes
     if len(input_ids) < world:
         raise ValueError(f"{len(input_ids)} calibration samples cannot be shared by {world} processes: "

@@ -217,6 +217,12 @@ def layer_greedy_fs(stats: SiteStatistics, weight: torch.Tensor, layout: GroupLa
 # --------------------------------------------------------------------------------------------------
 
 
+def _keep_all(stats: SiteStatistics, weight: torch.Tensor, layout: GroupLayout, k: int,
+              partition: torch.Tensor | None = None, per_class: int | None = None) -> tuple[list[int], torch.Tensor]:
+    """Every group, for a site only refit (``PruneConfig.refit_full_width``)."""
+    return list(range(layout.num_groups)), torch.zeros(0)
+
+
 def group_scores(name: str, stats: SiteStatistics, weight: torch.Tensor, layout: GroupLayout, seed: int = 0) -> torch.Tensor:
     method = _method(name)
     if method.score is None:
@@ -289,12 +295,11 @@ def select(
     layout = GroupLayout.build(stats.in_features, group_size, groups)
     part = torch.as_tensor(partition, dtype=torch.long) if partition is not None else None
     greedy = spec.score is None and spec.pick is None
-    if greedy and selection_error == "original":
+    if k is not None and k == layout.num_groups:  # a site kept whole for its refit: nothing to choose
+        spec, greedy = Method(spec.name, pick=_keep_all), False
+    elif greedy and selection_error == "original":
         spec = Method(spec.name, pick=layer_greedy_fs)
-    everything = k is not None and k == layout.num_groups  # a site kept whole for its refit: nothing to choose
-    if everything:
-        greedy = False
-    if spec.score is None and spec.pick is None and not everything:
+    if spec.score is None and spec.pick is None:
         result = greedy_select(
             stats, k, group_size, groups, damping=damping, bias_shift=bias_shift,
             partition=part, per_class=per_class, prior=prior, shrinkage=shrinkage, site=site,
@@ -302,9 +307,7 @@ def select(
     else:
         k, part = check_budget(k, layout, part, per_class)
         curve = torch.zeros(0)
-        if everything:
-            kept = list(range(k))
-        elif spec.pick is not None:
+        if spec.pick is not None:
             kept, curve = spec.pick(stats, weight.to(stats.gram), layout, k, part, per_class)
         else:
             kept = _top_k(spec.score(stats, weight, layout, seed), k, part, per_class)
