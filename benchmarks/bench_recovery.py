@@ -11,7 +11,8 @@ row (``hf_subprune.integrations.recovery.finetune``: a stock Trainer, LoRA merge
   from the dense model's distribution, no labels: Minitron's recovery);
 - LoRA on 4x more WikiText-2 valid text (128 blocks drawn with the same seed: they hold the 32 calibration ones);
 - a full fine-tune on the calibration sequences: LM loss, distillation, and half of each (the gradual row trains
-  every weight too);
+  every weight too); distillation with the hidden-state term too (``distill_hidden``: every block's output
+  matched to the dense model's);
 - gradual pruning in one Trainer run (``SubpruneCallback``: three cuts up to the sparsity by half the steps, full
   fine-tune throughout, same steps and data). A schedule of several cuts needs uniform widths, where the one-shot
   rows use the default per-layer budget. The row is skipped, with a message, where the callback is unavailable.
@@ -37,6 +38,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 if "--hub" not in sys.argv[1:]:  # --hub loads the data sets from the Hub: the network stays on
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,17 +58,25 @@ from data import add_data_arguments, require, wikitext_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DENSE, DENSE_FT, DENSE_FT_FULL = "dense", "dense + same fine-tune", "dense + same full fine-tune"
-# label: (training data, how: lora / full / gradual / None, distillation: False, True, or the KL's share of a loss
-# mixed with the LM loss)
+
+
+class Row(NamedTuple):
+    data: str | None  # training data: "calibration", "4x" or None (no training)
+    how: str | None  # lora / full / gradual / None
+    distill: bool | float = False  # False, True, or the KL's share of a loss mixed with the LM loss
+    hidden: float = 0.0  # with distill: the hidden-state term's weight (recover(distill_hidden=...))
+
+
 ROWS = {
-    "pruned, no recovery": (None, None, False),
-    "LoRA, calibration, LM loss": ("calibration", "lora", False),
-    "LoRA, calibration, distillation": ("calibration", "lora", True),
-    "LoRA, 4x WikiText-2 valid, LM loss": ("4x", "lora", False),
-    "full, calibration, LM loss": ("calibration", "full", False),
-    "full, calibration, distillation": ("calibration", "full", True),
-    "full, calibration, LM + distillation": ("calibration", "full", 0.5),
-    "gradual (SubpruneCallback), full, calibration": ("calibration", "gradual", False),
+    "pruned, no recovery": Row(None, None),
+    "LoRA, calibration, LM loss": Row("calibration", "lora"),
+    "LoRA, calibration, distillation": Row("calibration", "lora", True),
+    "LoRA, 4x WikiText-2 valid, LM loss": Row("4x", "lora"),
+    "full, calibration, LM loss": Row("calibration", "full"),
+    "full, calibration, distillation": Row("calibration", "full", True),
+    "full, calibration, distillation + hidden states": Row("calibration", "full", True, 1.0),
+    "full, calibration, LM + distillation": Row("calibration", "full", 0.5),
+    "gradual (SubpruneCallback), full, calibration": Row("calibration", "gradual"),
 }
 METRICS = (("wikitext2_test", "WikiText-2 test"), ("heldout", "held-out built-in"))
 
@@ -126,17 +136,17 @@ class Task:
                                      max_tokens=self.args.eval_tokens)
                     for name, text in self.texts.items()}
 
-    def recovery_config(self, how: str, distill: bool | float) -> RecoveryConfig:
-        weight = 1.0 if isinstance(distill, bool) else float(distill)
-        return RecoveryConfig(full=how != "lora", max_steps=self.args.steps, lr=self.args.lr,
-                              batch_size=self.args.batch_size, lora_r=self.args.lora_r, distill=bool(distill),
-                              distill_weight=weight, bf16=self.args.bf16, seed=0)
+    def recovery_config(self, row: Row) -> RecoveryConfig:
+        weight = 1.0 if isinstance(row.distill, bool) else float(row.distill)
+        return RecoveryConfig(full=row.how != "lora", max_steps=self.args.steps, lr=self.args.lr,
+                              batch_size=self.args.batch_size, lora_r=self.args.lora_r, distill=bool(row.distill),
+                              distill_weight=weight, distill_hidden=row.hidden, bf16=self.args.bf16, seed=0)
 
-    def train(self, model, data: str, how: str, distill: bool | float, callbacks=None) -> tuple:
-        blocks = self.calibration if data == "calibration" else self.more
+    def train(self, model, row: Row, callbacks=None) -> tuple:
+        blocks = self.calibration if row.data == "calibration" else self.more
         with PeakMemory(self.device) as memory:
-            model, stats = finetune(model, self.tokenizer, lm_examples(blocks), self.recovery_config(how, distill),
-                                    teacher=self.model if distill else None, device=str(self.device),
+            model, stats = finetune(model, self.tokenizer, lm_examples(blocks), self.recovery_config(row),
+                                    teacher=self.model if row.distill else None, device=str(self.device),
                                     progress=not self.args.quiet, callbacks=callbacks)
         return model, {**stats, **memory.to_dict(), "data_blocks": int(blocks.shape[0])}
 
@@ -157,7 +167,8 @@ def _gradual(task: Task, sparsity: float):
     args = task.args
     config = PruneConfig(sparsity=sparsity, num_samples=args.num_samples, seq_len=args.seq_len, budget="uniform")
     callback = SubpruneCallback(config, schedule=_schedule(sparsity, args.steps), calibration=task.calibration)
-    model, stats = task.train(copy.deepcopy(task.model), "calibration", "gradual", False, callbacks=[callback])
+    model, stats = task.train(copy.deepcopy(task.model), ROWS["gradual (SubpruneCallback), full, calibration"],
+                              callbacks=[callback])
     return model, {**stats, "schedule": {str(k): v for k, v in callback.schedule}}
 
 
@@ -172,8 +183,8 @@ def _ratio(record: dict, records: list[dict]) -> str:
     model is that reference; a loss mixed with the LM loss keeps the LM fine-tune's."""
     if record["sparsity"] == 0:
         return "-"
-    _, how, distill = ROWS.get(record["label"], (None, None, False))
-    label = DENSE if distill is True else DENSE_FT_FULL if how in ("full", "gradual") else DENSE_FT
+    row = ROWS.get(record["label"], Row(None, None))
+    label = DENSE if row.distill is True else DENSE_FT_FULL if row.how in ("full", "gradual") else DENSE_FT
     reference = next((r for r in records if r["label"] == label), None)
     if reference is None:
         return "?"
@@ -192,7 +203,8 @@ def _table(records: list[dict], args) -> str:
              f"{args.lr or 'recover() default at the time of the run'} (the lr column), LoRA r = {args.lora_r} "
              "on every linear layer (merged), linear decay, seed 0. Distillation: KL from the dense model, "
              "temperature 1 (alone, its x dense-FT reference is the dense model, which distilling from itself leaves "
-             "in place).",
+             "in place); \"+ hidden states\" adds the relative squared error of every block's output against the "
+             "dense model's (weight 1).",
              f"Perplexity: WikiText-2 test, first {tokens} tokens; held-out built-in text, {heldout} tokens; "
              f"non-overlapping windows of {args.eval_window}."
              + (" Mixed precision: every fine-tune and every perplexity under bfloat16 autocast (`--bf16`); "
@@ -266,17 +278,17 @@ def main() -> None:
     if (DENSE, 0.0) not in done:
         record(DENSE, 0.0, task.model)
     if (DENSE_FT, 0.0) not in done:
-        record(DENSE_FT, 0.0, *task.train(copy.deepcopy(task.model), "calibration", "lora", False))
-    if (DENSE_FT_FULL, 0.0) not in done and any(ROWS[label][1] in ("full", "gradual") for label in labels):
-        record(DENSE_FT_FULL, 0.0, *task.train(copy.deepcopy(task.model), "calibration", "full", False))
+        record(DENSE_FT, 0.0, *task.train(copy.deepcopy(task.model), Row("calibration", "lora")))
+    if (DENSE_FT_FULL, 0.0) not in done and any(ROWS[label].how in ("full", "gradual") for label in labels):
+        record(DENSE_FT_FULL, 0.0, *task.train(copy.deepcopy(task.model), Row("calibration", "full")))
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
         wanted = [label for label in labels if (label, sparsity) not in done]
         if not wanted:
             continue
         pruned = None
         for label in wanted:
-            data, how, distill = ROWS[label]
-            if how == "gradual":
+            row = ROWS[label]
+            if row.how == "gradual":
                 out = _gradual(task, sparsity)
                 if out is not None:
                     record(label, sparsity, *out)
@@ -285,10 +297,10 @@ def main() -> None:
                 pruned = copy.deepcopy(task.model)
                 prune(pruned, input_ids=task.calibration, progress=not args.quiet, sparsity=sparsity,
                       num_samples=args.num_samples, seq_len=args.seq_len)
-            if how is None:
+            if row.how is None:
                 record(label, sparsity, pruned)
             else:
-                record(label, sparsity, *task.train(copy.deepcopy(pruned), data, how, distill))
+                record(label, sparsity, *task.train(copy.deepcopy(pruned), row))
     table = _table(records, args)
     (args.results / f"{args.name}.md").write_text(table)
     print(table)

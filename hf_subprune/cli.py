@@ -60,6 +60,9 @@ def _recovery_flags(parser, *, within_prune: bool) -> None:
     parser.add_argument("--distill-weight", type=float, default=None,
                         help=f"{when}with --distill: the KL term's share of the loss, the rest being the model's own "
                              "loss (default: 1)")
+    parser.add_argument("--distill-hidden", type=float, default=None, metavar="W",
+                        help=f"{when}with --distill: add W x the relative squared error of the hidden states after "
+                             "every block to the loss (the teacher needs the model's depth; default: 0)")
     parser.add_argument("--teacher-samples", type=positive_int, default=None, metavar="N",
                         help=f"{when}with --distill: N more sequences the teacher writes from 8-token prompts of the "
                              "data, distilled on with it (label-free text beyond the few samples; default: 0)")
@@ -74,7 +77,7 @@ def _recovery_flags(parser, *, within_prune: bool) -> None:
 def _recovery_settings(args) -> dict:
     """The recovery keywords the flags give (unset flags keep recover()'s defaults)."""
     settings = {key: getattr(args, key) for key in ("lora_r", "lora_alpha", "lr", "teacher", "distill_weight",
-                                                       "teacher_samples")
+                                                       "distill_hidden", "teacher_samples")
                 if getattr(args, key) is not None}
     if args.finetune_batch_size is not None:
         settings["batch_size"] = args.finetune_batch_size

@@ -21,7 +21,7 @@ from hf_subprune import prune, recover
 from hf_subprune.calibration import builtin_text, fingerprint, load_labelled
 from hf_subprune.evaluation import AccuracyEvaluator, PerplexityEvaluator, accuracy
 from hf_subprune.files import CALIBRATION_FILE, REPORT_FILE
-from hf_subprune.integrations.recovery import RecoveryConfig, _merge, _wrap
+from hf_subprune.integrations.recovery import RecoveryConfig, _merge, _wrap, hidden_state_loss
 from hf_subprune.outputs.export import load_calibration_ids
 
 from conftest import calibration_ids, outputs, tiny_config
@@ -177,6 +177,49 @@ def test_distillation_from_the_base_model_lowers_its_loss(pruned_dirs, base_dir)
     recovery = result.recovery
     assert recovery["distill"] == {"teacher": str(base_dir), "temperature": 1.0, "kl_weight": 1.0}
     assert 0 < recovery["loss"]["last"] < recovery["loss"]["first"]
+
+
+def test_hidden_state_loss_is_the_relative_error_per_block():
+    """Against a direct sum: per block, the squared error over the teacher's energy on the unpadded tokens, then
+    the mean over blocks; the embeddings' output does not count; a depth mismatch is refused."""
+    torch.manual_seed(0)
+    teacher = tuple(torch.randn(2, 5, 4) for _ in range(4))
+    student = (torch.randn(2, 5, 4),) + tuple(t + 0.1 * torch.randn_like(t) for t in teacher[1:])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.float32)
+    keep = mask.bool()
+    expected = sum(((s[keep] - t[keep]) ** 2).sum() / (t[keep] ** 2).sum()
+                   for s, t in zip(student[1:], teacher[1:])) / 3
+    assert hidden_state_loss(student, teacher, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert hidden_state_loss(teacher, teacher).item() == 0
+    padded = tuple(torch.where(keep[..., None], s, s + 100) for s in student)
+    assert hidden_state_loss(padded, teacher, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="same depth"):
+        hidden_state_loss(student[:3], teacher)
+
+
+def test_distillation_with_hidden_states_brings_the_blocks_closer(pruned_dirs, base_dir, tmp_path):
+    """``distill_hidden``: the hidden-state term is trained on (the blocks' outputs move towards the teacher's on
+    the calibration blocks), and the report and card say so; without distill it is refused."""
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    student = transformers.AutoModelForCausalLM.from_pretrained(pruned_dirs["stock"]).eval()
+    ids = load_calibration_ids(pruned_dirs["stock"])
+
+    def distance(model) -> float:
+        with torch.no_grad():
+            return hidden_state_loss(model(input_ids=ids, output_hidden_states=True).hidden_states,
+                                     base(input_ids=ids, output_hidden_states=True).hidden_states).item()
+
+    before = distance(student)
+    result = recover(pruned_dirs["stock"], "calibration", distill=True, distill_hidden=1.0, full=True, max_steps=8,
+                     batch_size=8, lr=1e-3, output=tmp_path / "out", progress=False)
+    assert result.recovery["distill"]["hidden_weight"] == 1.0
+    assert 0 < result.recovery["loss"]["last"] < result.recovery["loss"]["first"]
+    assert distance(result.model.eval()) < 0.9 * before
+    assert "hidden states' relative squared error" in (tmp_path / "out" / "README.md").read_text()
+    with pytest.raises(ValueError, match="--distill"):
+        RecoveryConfig(distill_hidden=1.0)
+    with pytest.raises(ValueError, match="0 or more"):
+        RecoveryConfig(distill=True, distill_hidden=-1.0)
 
 
 @pytest.mark.parametrize("full", [True, False], ids=["full", "lora"])
@@ -418,4 +461,7 @@ def test_teacher_samples_flag_reaches_recover():
                               "--teacher-samples", "8"])
     assert _recovery_settings(args)["teacher_samples"] == 8
     args = parser.parse_args(["finetune", "DIR", "--data", "calibration", "--output", "OUT"])
-    assert "teacher_samples" not in _recovery_settings(args)
+    assert "teacher_samples" not in _recovery_settings(args) and "distill_hidden" not in _recovery_settings(args)
+    args = parser.parse_args(["finetune", "DIR", "--data", "calibration", "--output", "OUT", "--distill",
+                              "--distill-hidden", "0.5"])
+    assert _recovery_settings(args) == {"distill": True, "distill_hidden": 0.5}

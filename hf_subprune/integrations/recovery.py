@@ -59,6 +59,7 @@ class RecoveryConfig:
     distill: bool = False
     teacher: str | None = None  # default: the report's base model
     distill_weight: float = 1.0  # the KL term's share of the loss; the rest is the model's own loss
+    distill_hidden: float = 0.0  # with distill: weight of the residual-stream term (see hidden_state_loss)
     teacher_samples: int = 0  # with distill: sequences the teacher writes from prompts of the data, added to it
     bf16: bool = False  # bfloat16 mixed precision (autocast; weights, gradients and optimizer state stay fp32)
     seed: int = 0
@@ -83,6 +84,11 @@ class RecoveryConfig:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
         if self.teacher is not None and not self.distill:
             raise ValueError("a teacher (--teacher) is only used with distill (--distill)")
+        if not self.distill_hidden >= 0:
+            raise ValueError(f"distill_hidden must be 0 or more, got {self.distill_hidden}")
+        if self.distill_hidden and not self.distill:
+            raise ValueError("distill_hidden (--distill-hidden) matches the teacher's hidden states: add distill "
+                             "(--distill)")
         if not isinstance(self.teacher_samples, int) or self.teacher_samples < 0:
             raise ValueError(f"teacher_samples must be a whole number of 0 or more, got {self.teacher_samples!r}")
         if self.teacher_samples and not self.distill:
@@ -248,26 +254,53 @@ def _teacher_written(teacher: nn.Module, examples: list[dict], config: RecoveryC
 
 # --- training -----------------------------------------------------------------------------------------------------
 
+def hidden_state_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean over blocks of the student's squared distance from the teacher's residual stream after that block,
+    relative to the stream's own energy: ``sum_t |h_s - h_t|^2 / sum_t |h_t|^2`` (padding left out).
+
+    Why: structured pruning keeps the hidden size, so every block's output can be matched as it is, with no
+    projection; the KL alone gives one signal per token, this one a signal per block and token, which is what a
+    few calibration blocks are short of. The embeddings' output (``hidden_states[0]``) is left out."""
+    if len(student) != len(teacher):
+        raise ValueError(f"distill_hidden: the model has {len(student) - 1} blocks and the teacher "
+                         f"{len(teacher) - 1}: hidden states are matched block by block, so both need the same depth")
+    terms = []
+    for hs, ht in zip(student[1:], teacher[1:]):
+        if hs.shape != ht.shape:
+            raise ValueError(f"distill_hidden: hidden states {tuple(hs.shape)} against the teacher's "
+                             f"{tuple(ht.shape)}: both need the same hidden size")
+        error, energy = (hs.float() - ht.float()).square().sum(-1), ht.float().square().sum(-1)
+        if mask is not None and error.dim() == 2:
+            error, energy = error * mask, energy * mask
+        terms.append(error.sum() / energy.sum().clamp_min(torch.finfo(torch.float32).tiny))
+    return torch.stack(terms).mean()
+
+
 def _distillation_trainer():
     """A ``Trainer`` whose loss is the KL divergence from a teacher's output distribution (temperature 1),
-    optionally mixed with the model's own loss; the teacher runs in eval mode without gradients."""
+    optionally mixed with the model's own loss and a hidden-state term (``hidden_state_loss``); the teacher runs
+    in eval mode without gradients."""
     from transformers import Trainer
 
     class DistillationTrainer(Trainer):
         loss_is_scaled_for_ga = False  # a per-batch mean
 
-        def __init__(self, *args, teacher: nn.Module, weight: float, **kwargs):
+        def __init__(self, *args, teacher: nn.Module, weight: float, hidden: float = 0.0, **kwargs):
             super().__init__(*args, **kwargs)
             self.teacher = teacher.to(self.args.device).eval()
             self.weight = weight
+            self.hidden = hidden
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.get("labels") if self.weight < 1 else None
             student_inputs = {k: v for k, v in inputs.items() if k != "labels" or labels is not None}
-            outputs = model(**student_inputs)
+            states = {"output_hidden_states": True} if self.hidden else {}
+            outputs = model(**student_inputs, **states)
             # The student runs under the Trainer's mixed precision; the teacher, not prepared by it, gets the same.
             with torch.no_grad(), self.accelerator.autocast():
-                target = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
+                taught = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}, **states)
+                target = taught.logits.float()
             logits = outputs.logits.float()
             if logits.shape != target.shape:
                 raise ValueError(f"the teacher's outputs {tuple(target.shape)} do not match the model's "
@@ -281,6 +314,8 @@ def _distillation_trainer():
                 loss = kl.mean()
             if labels is not None:
                 loss = self.weight * loss + (1 - self.weight) * outputs.loss
+            if self.hidden:
+                loss = loss + self.hidden * hidden_state_loss(outputs.hidden_states, taught.hidden_states, mask)
             return (loss, outputs) if return_outputs else loss
 
     return DistillationTrainer
@@ -373,7 +408,8 @@ def finetune(model: nn.Module, tokenizer, examples: list[dict], config: Recovery
             include_num_input_tokens_seen="non_padding" if padded else "all", disable_tqdm=not progress)
         kwargs = dict(model=wrapped, args=args, train_dataset=examples, data_collator=collator,
                       processing_class=tokenizer, callbacks=callbacks)
-        trainer = (_distillation_trainer()(**kwargs, teacher=teacher, weight=config.distill_weight)
+        trainer = (_distillation_trainer()(**kwargs, teacher=teacher, weight=config.distill_weight,
+                                           hidden=config.distill_hidden)
                    if config.distill else Trainer(**kwargs))
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
@@ -555,6 +591,7 @@ def recover(
     batch_size: int = 4,
     lora_dropout: float = 0.0,
     distill_weight: float = 1.0,
+    distill_hidden: float = 0.0,
     teacher_samples: int = 0,
     bf16: bool = False,
     seed: int = 0,
@@ -581,6 +618,8 @@ def recover(
         distill / teacher / distill_weight: KL divergence from the teacher's distribution (a name or path for
             ``load_model``, or a model; default the report's base model), mixed with the model's own loss with
             weight ``1 - distill_weight``.
+        distill_hidden: with ``distill``, the weight of a second term that matches the teacher's residual stream
+            after every block (``hidden_state_loss``): more signal per calibration token; needs the same depth.
         teacher_samples: with ``distill``, this many more sequences for a causal LM, written by the teacher from
             8-token prompts of the data (``_teacher_written``): label-free text beyond the few samples.
         bf16: bfloat16 mixed precision (the Trainer's autocast; weights and optimizer state stay float32): about
@@ -592,7 +631,8 @@ def recover(
                             max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size, seq_len=seq_len,
                             num_samples=num_samples, distill=distill,
                             teacher=teacher if isinstance(teacher, str) or teacher is None else type(teacher).__name__,
-                            distill_weight=distill_weight, teacher_samples=teacher_samples, bf16=bf16, seed=seed)
+                            distill_weight=distill_weight, distill_hidden=distill_hidden,
+                            teacher_samples=teacher_samples, bf16=bf16, seed=seed)
     training_device(device)  # every check that needs no model comes before loading one
     in_memory = isinstance(folder_or_result, PruneResult)
     source: PruneResult | Path = folder_or_result if in_memory else Path(folder_or_result)
@@ -638,7 +678,8 @@ def recover(
         "data": data_info,
         "lora": None if full else {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout,
                                    "target_modules": "all-linear"},
-        "distill": {"teacher": teacher_name, "temperature": 1.0, "kl_weight": distill_weight} if distill else None,
+        "distill": ({"teacher": teacher_name, "temperature": 1.0, "kl_weight": distill_weight,
+                     **({"hidden_weight": distill_hidden} if distill_hidden else {})} if distill else None),
         **stats,
         "evaluation": _evaluation(before, after) if measure is not None else {},
         "config": config.to_dict(),

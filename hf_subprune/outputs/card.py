@@ -62,6 +62,8 @@ def _recovery(report: dict) -> dict | None:
         "loss": (f"KL divergence from the output distribution of {distill['teacher']} (temperature "
                  f"{distill['temperature']:g}" + (f", weight {distill['kl_weight']:g} with the model's own loss)"
                                                   if distill["kl_weight"] < 1 else ")")
+                 + (f", plus {distill['hidden_weight']:g} x its hidden states' relative squared error after every "
+                    "block" if distill.get("hidden_weight") else "")
                  if distill else ("cross-entropy on the labels" if data.get("labelled") else "next-token loss")),
         "data": f"{source} ({size}, fingerprint `{data['fingerprint']}`)" + _teacher_written(data),
         "steps": recovery["steps"], "tokens": f"{recovery['tokens']:,}", "seconds": f"{recovery['seconds']:.1f}",
