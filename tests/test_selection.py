@@ -14,6 +14,7 @@ import torch
 
 from hf_subprune.maths import selection
 from hf_subprune.maths.selection import (
+    FLOAT32_ERROR_SHARE,
     TIE_RTOL,
     GroupLayout,
     NonFiniteStatisticsError,
@@ -442,6 +443,24 @@ def test_nearly_duplicated_columns_fall_back_to_float64(r):
     forced = greedy_select(stats, k, group_size=r, damping=1e-12, dtype=torch.float32)
     assert forced.diagnostics["solve_dtype"] == "float32" and forced.diagnostics["solve_dtype_reason"] == "requested"
     assert forced.kept != exact.kept
+
+
+def test_float32_rounding_that_could_cost_a_share_of_the_error_falls_back_to_float64():
+    """A target the kept columns fit almost exactly (the dropped columns carry 1e-5 of the weight): float32's
+    rounding of the large early gains is then far more than 0.1% of the tiny error left, so the site is solved
+    again in float64 and gives float64's answer; the diagnostics say what was measured."""
+    gen = torch.Generator().manual_seed(3)
+    n, d, m = 400, 32, 4
+    b = correlated_inputs(gen, n, d)
+    w = torch.randn(m, d, generator=gen, dtype=F64)
+    w[:, 28:] *= 1e-5
+    stats = SiteStatistics.from_activations(b, b @ w.T)
+    auto = greedy_select(stats, 28, damping=1e-10, bias_shift=False)
+    exact = greedy_select(stats, 28, damping=1e-10, bias_shift=False, dtype=F64)
+    assert auto.diagnostics["solve_dtype"] == "float64"
+    assert "of the site's error" in auto.diagnostics["solve_dtype_reason"]
+    assert auto.diagnostics["float32_error_share"] > FLOAT32_ERROR_SHARE
+    assert_same_selection(auto, exact, float(stats.target_sq))
 
 
 def test_keeping_as_many_columns_as_tokens_solves_in_float64():
