@@ -151,7 +151,7 @@ def run_synthetic(args, python: str) -> list[dict]:
                    "peak_rss_bytes": run["peak_rss_bytes"], "import_rss_bytes": base,
                    "peak_above_import_over_disk": (run["peak_rss_bytes"] - base) / disk,
                    "prune_args": args.prune_args, "mmap_threshold": args.mmap_threshold,
-                   "commit": code}
+                   "threads": os.environ.get("OMP_NUM_THREADS"), "commit": code}
             rows.append(row)
             print(f"{name}: {params / 1e9:.2f}B parameters, {disk / 2**30:.2f} GiB on disk, {run['seconds']:.0f} s, "
                   f"peak {run['peak_rss_bytes'] / 2**30:.2f} GiB ({row['peak_above_import_over_disk']:.2f}x disk "
@@ -199,17 +199,19 @@ def table(rows: list[dict], env: dict) -> str:
              "prune process and its children, sampled every 20 ms.", "",
              "## Synthetic Llama models (random bf16 weights on disk), 20%, 8 x 256 tokens", "",
              "Malloc: `MALLOC_MMAP_THRESHOLD_` given to the prune process (glibc; `-` = its default, dynamic up to "
-             "32 MB). Commit: the code measured.", "",
+             "32 MB). Commit: the code measured. Threads: OMP_NUM_THREADS of the run (`-`: torch's default, or not "
+             "recorded before the twelfth session).", "",
              "| size | parameters | shape (hidden / MLP / layers / heads / kv) | on disk GiB | commit | malloc "
-             "| seconds | s per (B params x 1k tokens) | peak RSS GiB | peak above import / on disk (goal < 0.3) |",
-             "| --- | ---: | --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+             "| threads | seconds | s per (B params x 1k tokens) | peak RSS GiB | peak above import / on disk "
+             "(goal < 0.3) |",
+             "| --- | ---: | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in [r for r in rows if r["case"] == "synthetic"]:
         s = r["shape"]
         rate = r["seconds"] / (r["parameters"] / 1e9 * r["tokens"] / 1e3)
         ok = "pass" if r["peak_above_import_over_disk"] < 0.3 and r["returncode"] == 0 else "fail"
         lines.append(f"| {r['size']} | {r['parameters']:,} | {s['hidden']} / {s['mlp']} / {s['layers']} / "
                      f"{s['heads']} / {s['kv_heads']} | {r['disk_bytes'] / 2**30:.2f} | {r.get('commit', '-')} "
-                     f"| {r.get('mmap_threshold') or '-'} | {r['seconds']:.0f} "
+                     f"| {r.get('mmap_threshold') or '-'} | {r.get('threads') or '-'} | {r['seconds']:.0f} "
                      f"| {rate:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['peak_above_import_over_disk']:.2f} "
                      f"({ok}) |")
     demo = {(r.get("dtype", "auto"), r["size"]): r for r in rows if r["case"] == "demo"}
