@@ -58,6 +58,7 @@ from data import add_data_arguments, require, wikitext_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DENSE, DENSE_FT, DENSE_FT_FULL = "dense", "dense + same fine-tune", "dense + same full fine-tune"
+GRADUAL = "gradual (SubpruneCallback), full, calibration"
 
 
 class Row(NamedTuple):
@@ -76,7 +77,7 @@ ROWS = {
     "full, calibration, distillation": Row("calibration", "full", True),
     "full, calibration, distillation + hidden states": Row("calibration", "full", True, 1.0),
     "full, calibration, LM + distillation": Row("calibration", "full", 0.5),
-    "gradual (SubpruneCallback), full, calibration": Row("calibration", "gradual"),
+    GRADUAL: Row("calibration", "gradual"),
 }
 METRICS = (("wikitext2_test", "WikiText-2 test"), ("heldout", "held-out built-in"))
 
@@ -167,7 +168,7 @@ def _gradual(task: Task, sparsity: float):
     args = task.args
     config = PruneConfig(sparsity=sparsity, num_samples=args.num_samples, seq_len=args.seq_len, budget="uniform")
     callback = SubpruneCallback(config, schedule=_schedule(sparsity, args.steps), calibration=task.calibration)
-    model, stats = task.train(copy.deepcopy(task.model), ROWS["gradual (SubpruneCallback), full, calibration"],
+    model, stats = task.train(copy.deepcopy(task.model), ROWS[GRADUAL],
                               callbacks=[callback])
     return model, {**stats, "schedule": {str(k): v for k, v in callback.schedule}}
 
