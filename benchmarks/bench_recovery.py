@@ -14,8 +14,9 @@ row (``hf_subprune.integrations.recovery.finetune``: a stock Trainer, LoRA merge
   every weight too); distillation with the hidden-state term too (``distill_hidden``: every block's output
   matched to the dense model's);
 - gradual pruning in one Trainer run (``SubpruneCallback``: three cuts up to the sparsity by half the steps, full
-  fine-tune throughout, same steps and data). A schedule of several cuts needs uniform widths, where the one-shot
-  rows use the default per-layer budget. The row is skipped, with a message, where the callback is unavailable.
+  fine-tune throughout, same steps and data), on the LM loss and on distillation. A schedule of several cuts needs
+  uniform widths, where the one-shot rows use the default per-layer budget. These rows are skipped, with a
+  message, where the callback is unavailable.
 
 Perplexity on the first --eval-tokens tokens of WikiText-2 test and on the built-in held-out text (Python's pydoc
 topics: the half the CLI's demo does not calibrate on), in non-overlapping windows of --eval-window tokens. Time and
@@ -59,6 +60,7 @@ from data import add_data_arguments, require, wikitext_text  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 DENSE, DENSE_FT, DENSE_FT_FULL = "dense", "dense + same fine-tune", "dense + same full fine-tune"
 GRADUAL = "gradual (SubpruneCallback), full, calibration"
+GRADUAL_DISTILL = "gradual (SubpruneCallback), full, calibration, distillation"
 
 
 class Row(NamedTuple):
@@ -78,6 +80,7 @@ ROWS = {
     "full, calibration, distillation + hidden states": Row("calibration", "full", True, 1.0),
     "full, calibration, LM + distillation": Row("calibration", "full", 0.5),
     GRADUAL: Row("calibration", "gradual"),
+    GRADUAL_DISTILL: Row("calibration", "gradual", True),
 }
 METRICS = (("wikitext2_test", "WikiText-2 test"), ("heldout", "held-out built-in"))
 
@@ -158,8 +161,9 @@ def _schedule(sparsity: float, steps: int) -> dict[int, float]:
     return {step: round(sparsity * (i + 1) / len(points), 6) for i, step in enumerate(points)}
 
 
-def _gradual(task: Task, sparsity: float):
-    """The dense model pruned inside one Trainer run, or None (with a message) without ``SubpruneCallback``."""
+def _gradual(task: Task, sparsity: float, row: Row):
+    """The dense model pruned inside one Trainer run that trains as ``row`` says, or None (with a message)
+    without ``SubpruneCallback``."""
     try:
         from hf_subprune import SubpruneCallback
     except ImportError as e:
@@ -168,8 +172,7 @@ def _gradual(task: Task, sparsity: float):
     args = task.args
     config = PruneConfig(sparsity=sparsity, num_samples=args.num_samples, seq_len=args.seq_len, budget="uniform")
     callback = SubpruneCallback(config, schedule=_schedule(sparsity, args.steps), calibration=task.calibration)
-    model, stats = task.train(copy.deepcopy(task.model), ROWS[GRADUAL],
-                              callbacks=[callback])
+    model, stats = task.train(copy.deepcopy(task.model), row, callbacks=[callback])
     return model, {**stats, "schedule": {str(k): v for k, v in callback.schedule}}
 
 
@@ -290,7 +293,7 @@ def main() -> None:
         for label in wanted:
             row = ROWS[label]
             if row.how == "gradual":
-                out = _gradual(task, sparsity)
+                out = _gradual(task, sparsity, row)
                 if out is not None:
                     record(label, sparsity, *out)
                 continue
