@@ -340,6 +340,23 @@ def test_weighted_statistics_equal_repeated_tokens():
     assert_stats_close(streamed, weighted, rtol=1e-12, atol=1e-9)
 
 
+def test_gram_built_from_its_upper_triangle_equals_the_full_product():
+    """The panel loop multiplies only from the diagonal on and mirrors the rest: across panel edges (d not a
+    multiple of GRAM_PANEL), with token weights and over several updates, the gram is the full weighted product
+    and exactly symmetric."""
+    gen = torch.Generator().manual_seed(5)
+    d = selection.GRAM_PANEL * 2 + 37
+    b = torch.randn(90, d, generator=gen, dtype=F64)
+    y = torch.randn(90, 3, generator=gen, dtype=F64)
+    w = torch.rand(90, generator=gen, dtype=F64)
+    stats = SiteStatistics.zeros(d, 3)
+    for lo in range(0, 90, 40):
+        stats.update(b[lo : lo + 40], y[lo : lo + 40], weights=w[lo : lo + 40])
+    torch.testing.assert_close(stats.gram, (b * w[:, None]).T @ b, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(stats.cross, (b * w[:, None]).T @ y, rtol=1e-12, atol=1e-10)
+    assert torch.equal(stats.gram, stats.gram.T)
+
+
 def test_weights_must_match_tokens_and_be_non_negative():
     b, y, _, _ = asymmetric_problem(4, n=30, d=8, m=3)
     with pytest.raises(ValueError, match="one per token"):
