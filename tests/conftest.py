@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "HF_SUBPRUNE_CACHE" not in os.environ:  # the GGUF conversion cache: once per session, never in the user's home
+    os.environ["HF_SUBPRUNE_CACHE"] = tempfile.mkdtemp(prefix="hf_subprune-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["HF_SUBPRUNE_CACHE"], True)
 
 import pytest
 import torch

