@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from hf_subprune.evaluation import _negative_log_likelihood, perplexity
+from hf_subprune.evaluation import NLL_ROWS, _negative_log_likelihood, perplexity
 
 
 class _CharTokenizer:
@@ -19,8 +19,9 @@ class _CharTokenizer:
 
 
 def test_negative_log_likelihood_is_the_cross_entropy_sum():
-    logits = torch.randn(3, 7, 1000, generator=torch.Generator().manual_seed(0)) * 4
-    targets = torch.randint(0, 1000, (3, 7), generator=torch.Generator().manual_seed(1))
+    # Rows longer than the float32 chunks (NLL_ROWS), sliced as perplexity slices them (not contiguous).
+    logits = (torch.randn(3, 2 * NLL_ROWS + 23, 1000, generator=torch.Generator().manual_seed(0)) * 4)[:, :-1]
+    targets = torch.randint(0, 1000, logits.shape[:2], generator=torch.Generator().manual_seed(1))
     expected = F.cross_entropy(logits.double().reshape(-1, 1000), targets.reshape(-1), reduction="sum")
     assert math.isclose(float(_negative_log_likelihood(logits, targets)), float(expected), rel_tol=1e-6)
     # bf16 logits are widened before the log-sum-exp, as cross_entropy of their float32 copy would be
