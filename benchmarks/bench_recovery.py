@@ -13,10 +13,10 @@ row (``hf_subprune.integrations.recovery.finetune``: a stock Trainer, LoRA merge
 - a full fine-tune on the calibration sequences: LM loss, distillation, and half of each (the gradual row trains
   every weight too); distillation with the hidden-state term too (``distill_hidden``: every block's output
   matched to the dense model's);
-- gradual pruning in one Trainer run (``SubpruneCallback``: three cuts up to the sparsity by half the steps, full
-  fine-tune throughout, same steps and data), on the LM loss and on distillation. A schedule of several cuts needs
-  uniform widths, where the one-shot rows use the default per-layer budget. These rows are skipped, with a
-  message, where the callback is unavailable.
+- gradual pruning in one Trainer run (``SubpruneCallback``: --gradual-cuts cuts up to the sparsity by half the
+  steps, full fine-tune throughout, same steps and data), on the LM loss and on distillation. A schedule of
+  several cuts needs uniform widths, where the one-shot rows use the default per-layer budget. These rows are
+  skipped, with a message, where the callback is unavailable.
 
 Perplexity on the first --eval-tokens tokens of WikiText-2 test and on the built-in held-out text (Python's pydoc
 topics: the half the CLI's demo does not calibrate on), in non-overlapping windows of --eval-window tokens. Time and
@@ -155,9 +155,10 @@ class Task:
         return model, {**stats, **memory.to_dict(), "data_blocks": int(blocks.shape[0])}
 
 
-def _schedule(sparsity: float, steps: int) -> dict[int, float]:
-    """Three cuts, evenly spaced in sparsity, by half the steps (fewer where the steps are too few)."""
-    points = sorted({0, steps // 4, steps // 2})
+def _schedule(sparsity: float, steps: int, cuts: int = 3) -> dict[int, float]:
+    """``cuts`` cuts, evenly spaced in sparsity and in steps from 0 to half the steps (fewer where the steps are
+    too few)."""
+    points = sorted({round(i * (steps // 2) / max(cuts - 1, 1)) for i in range(cuts)})
     return {step: round(sparsity * (i + 1) / len(points), 6) for i, step in enumerate(points)}
 
 
@@ -171,7 +172,8 @@ def _gradual(task: Task, sparsity: float, row: Row):
         return None
     args = task.args
     config = PruneConfig(sparsity=sparsity, num_samples=args.num_samples, seq_len=args.seq_len, budget="uniform")
-    callback = SubpruneCallback(config, schedule=_schedule(sparsity, args.steps), calibration=task.calibration)
+    callback = SubpruneCallback(config, schedule=_schedule(sparsity, args.steps, args.gradual_cuts),
+                                calibration=task.calibration)
     model, stats = task.train(copy.deepcopy(task.model), row, callbacks=[callback])
     return model, {**stats, "schedule": {str(k): v for k, v in callback.schedule}}
 
@@ -247,6 +249,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true",
                         help="fine-tunes and perplexities under bfloat16 autocast (3x faster on CPUs with AMX)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--gradual-cuts", type=int, default=3,
+                        help="cuts of the gradual rows, spread over the first half of the steps (default: 3)")
     parser.add_argument("--rows", default="all", help="'all', or labels separated by ';' (dense rows always run)")
     parser.add_argument("--fresh", action="store_true", help="ignore rows already measured")
     parser.add_argument("--name", default="recovery_smollm2", help="results file stem (default: %(default)s)")
