@@ -134,6 +134,7 @@ def _load_gguf(path: Path, kwargs: dict):
 
 
 def _convert_gguf(path: Path, kwargs: dict):
+    """Parse and dequantize a .gguf file with transformers (each header parsed once: ``one_gguf_parse``)."""
     gguf = {"gguf_file": path.name}
     try:
         with one_gguf_parse():
