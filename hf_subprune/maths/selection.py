@@ -45,7 +45,8 @@ STATISTICS_PANEL = 512
 
 GRAM_PANEL = 256
 """Rows of the gram that one product of ``SiteStatistics.update`` adds: from the diagonal on, so that the upper
-triangle costs (1 + GRAM_PANEL / d) / 2 of the full product (0.58 at d = 1536; 23% less time there on one core)."""
+triangle costs (1 + GRAM_PANEL / d) / 2 of the full product (0.58 at d = 1536). One core, 2048 tokens, the whole
+update against the full products: 1.2-1.3x faster at d = 1536 and 5632, level at d = 576."""
 
 
 def sub_matrix(matrix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
