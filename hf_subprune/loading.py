@@ -4,9 +4,13 @@ for safetensors weights lazily, the blocks left on disk (``pipeline.lazy``)."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import json
+import os
 import re
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -87,8 +91,6 @@ CACHE_ENV = "HF_SUBPRUNE_CACHE"
 
 def cache_root() -> Path | None:
     """The conversion cache's folder, or None where ``HF_SUBPRUNE_CACHE`` turns it off."""
-    import os
-
     chosen = os.environ.get(CACHE_ENV)
     if chosen is not None:
         return None if chosen.strip().lower() in ("", "0", "off", "false", "no") else Path(chosen).expanduser()
@@ -98,8 +100,6 @@ def cache_root() -> Path | None:
 def _gguf_cache_folder(path: Path) -> Path | None:
     """Where the float32 conversion of a .gguf file is kept: one folder per file (its resolved path, size and
     modification time) and transformers version, so that a changed file or converter converts again."""
-    import hashlib
-
     root = cache_root()
     if root is None:
         return None
@@ -151,9 +151,6 @@ def _convert_gguf(path: Path, kwargs: dict):
 def _write_cache(model, tokenizer, folder: Path) -> bool:
     """Save a converted model to the cache through a temporary folder renamed at the end; whether the folder is
     there now (another process may have finished first; a cache that cannot be written costs only time)."""
-    import shutil
-    import tempfile
-
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
