@@ -178,6 +178,11 @@ def _gradual(task: Task, sparsity: float, row: Row):
     return model, {**stats, "schedule": {str(k): v for k, v in callback.schedule}}
 
 
+_BUDGETS = {None: "per-layer fluctuation budget", "fluctuation": "per-layer fluctuation budget",
+            "uniform": "uniform widths (`--budget uniform`)",
+            "global": "global budget from each site's greedy error curve (`--budget global`)"}
+
+
 def _cell(record: dict, name: str) -> str:
     return f"{record['quality'][name]['perplexity']:.3f}"
 
@@ -203,7 +208,7 @@ def _table(records: list[dict], args) -> str:
     tokens = dense["quality"]["wikitext2_test"]["tokens"] if dense else "?"
     heldout = dense["quality"]["heldout"]["tokens"] if dense else "?"
     lines = ["# SmolLM2-135M: recovery after one-shot pruning (perplexity, lower is better)", "",
-             f"Pruning: default settings (greedy + refit, asymmetric; per-layer fluctuation budget) from "
+             f"Pruning: default settings (greedy + refit, asymmetric; {_BUDGETS[args.budget]}) from "
              f"{args.num_samples} x {args.seq_len} tokens of WikiText-2 valid (seed 0). Every fine-tune: "
              f"{args.steps} steps of {args.batch_size} sequences of {args.seq_len} tokens, learning rate "
              f"{args.lr or 'recover() default at the time of the run'} (the lr column), LoRA r = {args.lora_r} "
@@ -249,6 +254,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true",
                         help="fine-tunes and perplexities under bfloat16 autocast (3x faster on CPUs with AMX)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--budget", default=None, choices=("uniform", "global", "fluctuation"),
+                        help="width allocation of the one-shot rows (default: prune()'s, the fluctuation budget)")
     parser.add_argument("--gradual-cuts", type=int, default=3,
                         help="cuts of the gradual rows, spread over the first half of the steps (default: 3)")
     parser.add_argument("--rows", default="all", help="'all', or labels separated by ';' (dense rows always run)")
@@ -304,7 +311,7 @@ def main() -> None:
             if pruned is None:  # one cut per sparsity, copied for each recovery
                 pruned = copy.deepcopy(task.model)
                 prune(pruned, input_ids=task.calibration, progress=not args.quiet, sparsity=sparsity,
-                      num_samples=args.num_samples, seq_len=args.seq_len)
+                      num_samples=args.num_samples, seq_len=args.seq_len, budget=args.budget)
             if row.how is None:
                 record(label, sparsity, pruned)
             else:
