@@ -265,8 +265,11 @@ def main() -> None:
     require(args.data, args.hub, wikitext=("valid", "test") if wiki else ("test",),
             sst2=("validation",) if wiki else ())
     methods = {}
-    for item in args.methods.split(";" if ";" in args.methods else ","):
+    items = [args.methods] if args.methods in METHODS else args.methods.split(";" if ";" in args.methods else ",")
+    for item in filter(None, (item.strip() for item in items)):
         name, _, settings = item.partition("=")
+        if not settings and name not in METHODS:
+            parser.error(f"unknown method {name!r}: give name=JSON settings, or one of {'; '.join(METHODS)}")
         methods[name] = json.loads(settings) if settings else METHODS[name]
     model, tokenizer, _ = load_model("smollm2", dtype="float32")
     cal_texts = calibration_texts(args.calibration, args.data, args.hub)
