@@ -62,7 +62,8 @@ METHODS: dict[str, dict] = {
     "default": {},
     "default, no synthetic": {"synthetic_samples": 0},
     "default, no whole-site refit": {"refit_full_width": False},
-    "default, global budget": {"budget": "global"},
+    "default, global budget": {"budget": "global"},  # the default itself from 30% on (GLOBAL_FROM_SPARSITY)
+    "default, fluctuation budget": {"budget": "fluctuation"},  # the default itself below 30%
     "flap": {"method": "flap"},
     "wanda-sp": {"method": "wanda-sp"},
     "layer-greedy-fs": {"method": "layer-greedy-fs"},
@@ -74,8 +75,9 @@ METHODS: dict[str, dict] = {
 }
 # Run unless --methods says otherwise. "default, no synthetic" differs from the default only at n < 16 (the default
 # writes 8 sequences for calibrations of fewer than 8192 tokens): ask for it where wanted, and for the recovery rows
-# too (each adds a fine-tune).
-DEFAULT_RUN = [name for name in METHODS if "synthetic" not in name and "recovery" not in name]
+# too (each adds a fine-tune). The two budgets each repeat the default on one side of 30%: the other is the comparison.
+DEFAULT_RUN = [name for name in METHODS if "synthetic" not in name and "recovery" not in name
+               and "fluctuation" not in name]
 # Margin rows under each table: (peer, ours).
 MARGINS = (("flap", "default"), ("flap", "default, no whole-site refit"), ("wanda-sp", "default"),
            ("wanda-sp", "default, no whole-site refit"), ("flap + LoRA recovery", "default + LoRA recovery"))
@@ -146,7 +148,11 @@ def table(records: list[dict]) -> str:
              "the default's refit target also undoes half the drift of the stream from the dense model's "
              "(drift_correction 0.5); rows named \"until 2026-12-04\" ran without it. Since the eleventh session it "
              "also refits the sites its widths keep whole (refit_full_width); \"default, no whole-site refit\" is "
-             "the default before that, and every other row named \"default...\" ran before it too. Rows named "
+             "the default before that, and every other row named \"default...\" ran before it too. Since the "
+             "fourteenth session (2026-12-05) the default's budget is global from 30% of prunable parameters on: "
+             "its rows there are the runs of \"default, global budget\" (the same computation, marked "
+             "\"same_run_as\" in the jsonl), and \"default, fluctuation budget\" holds the default before that "
+             "(FLAP's allocation at every sparsity). Rows named "
              "\"..., other texts on 8192 tokens\" were scored on fewer tokens of the other texts than the rest (a "
              "protocol slip found later; the dense model's perplexity there is 3-7% off its 16384-token one); "
              "\"..., other texts on unrecorded token counts\": 8192 or 16384, not rescored; a row with \"composed\" "
@@ -323,6 +329,7 @@ def main() -> None:
                     record({"calibration": args.calibration, "method": name, "settings": settings,
                             "sparsity": sparsity, "n": n, "seed": seed, "quality": quality(pruned),
                             "params": result.params_after, "params_before": result.params_before,
+                            "budget": result.config.budget,
                             "seconds": seconds, **extra, **protocol,
                             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                             "widths": [[w.mlp, w.heads, w.kv_heads] for w in result.widths]})

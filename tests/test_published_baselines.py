@@ -20,6 +20,7 @@ import transformers
 from hf_subprune import PruneConfig, prune
 from hf_subprune.maths.methods import select
 from hf_subprune.maths.selection import SiteStatistics
+from hf_subprune.pipeline.budget import GLOBAL_FROM_SPARSITY
 
 from conftest import calibration_ids, outputs, tiny_config, tiny_model
 
@@ -386,8 +387,8 @@ def test_fluctuation_budget_takes_flaps_widths_and_greedy_picks_within(family):
     ids = calibration_ids(12, 16)
     flap = prune(tiny_model(family), input_ids=ids, sparsity=0.4, method="flap", progress=False)
     model = tiny_model(family)
-    asked = {} if family == "llama" else {"budget": "fluctuation"}  # the default for decoders; encoders ask
-    ours = prune(model, input_ids=ids, sparsity=0.4, progress=False, synthetic_samples=0, **asked)  # FLAP's data
+    # asked: the decoders' default below GLOBAL_FROM_SPARSITY, never the encoders'
+    ours = prune(model, input_ids=ids, sparsity=0.4, budget="fluctuation", progress=False, synthetic_samples=0)
     assert [(w.mlp, w.heads, w.kv_heads) for w in ours.widths] == [(w.mlp, w.heads, w.kv_heads) for w in flap.widths]
     assert ours.config.method == "greedy" and ours.config.refit and ours.config.budget == "fluctuation"
     assert ours.config.attention_mode == "kv_group"  # FLAP's attention units, whatever was asked
@@ -398,13 +399,35 @@ def test_fluctuation_budget_takes_flaps_widths_and_greedy_picks_within(family):
 
 def test_default_budget_needs_enough_calibration_tokens():
     """By default, FLAP's allocation from 64 calibration tokens on, uniform widths below, and the report says why."""
-    enough = prune(tiny_model("llama"), input_ids=calibration_ids(4, 16), sparsity=0.3, synthetic_samples=0,
+    enough = prune(tiny_model("llama"), input_ids=calibration_ids(4, 16), sparsity=0.25, synthetic_samples=0,
                    progress=False)
-    few = prune(tiny_model("llama"), input_ids=calibration_ids(3, 16), sparsity=0.3, synthetic_samples=0,
+    few = prune(tiny_model("llama"), input_ids=calibration_ids(3, 16), sparsity=0.25, synthetic_samples=0,
                 progress=False)
     assert enough.config.budget == "fluctuation" and few.config.budget == "uniform"
-    assert any("too few for the fluctuation budget" in n for n in few.notes)
+    assert any("too few for the default per-layer budget" in n for n in few.notes)
     assert PruneConfig(sparsity=0.3).budget is None and PruneConfig(sparsity=0.3, budget="global").budget == "global"
+
+
+def test_default_budget_is_global_from_global_from_sparsity_on():
+    """From GLOBAL_FROM_SPARSITY on, a decoder's default budget is the global one (the report says so), with the
+    widths and weights of asking for it; below, and when a budget is asked, nothing changes."""
+    ids = calibration_ids(8, 16)
+    default_model, asked_model = tiny_model("llama"), tiny_model("llama")
+    deep = prune(default_model, input_ids=ids, sparsity=GLOBAL_FROM_SPARSITY, synthetic_samples=0, progress=False)
+    assert deep.config.budget == "global" and any("global budget: the default" in n for n in deep.notes)
+    asked = prune(asked_model, input_ids=ids, sparsity=GLOBAL_FROM_SPARSITY, budget="global", synthetic_samples=0,
+                  progress=False)
+    assert [(w.mlp, w.heads, w.kv_heads) for w in deep.widths] == [(w.mlp, w.heads, w.kv_heads) for w in asked.widths]
+    assert len({w.mlp for w in deep.widths}) > 1  # per-layer widths, not uniform ones
+    for name, tensor in asked_model.state_dict().items():
+        torch.testing.assert_close(default_model.state_dict()[name], tensor, rtol=0, atol=0)
+    assert not any("global budget: the default" in n for n in asked.notes)
+    below = prune(tiny_model("llama"), input_ids=ids, sparsity=GLOBAL_FROM_SPARSITY - 0.05, synthetic_samples=0,
+                  progress=False)
+    assert below.config.budget == "fluctuation"
+    kept = prune(tiny_model("llama"), input_ids=ids, sparsity=0.5, budget="fluctuation", synthetic_samples=0,
+                 progress=False)
+    assert kept.config.budget == "fluctuation"
 
 
 def test_encoders_default_to_uniform_widths():

@@ -367,9 +367,10 @@ class SubpruneCallback(TrainerCallback):
     value (the schedule's values replace ``config.sparsity``). Each incremental cut is computed against the
     current model's actual parameter count, so rounding does not accumulate.
 
-    Budgets: one cut uses ``config.budget`` as given (the per-layer fluctuation budget by default). A schedule of
-    several cuts uses uniform widths for every cut: ``prune()`` starts from one width per site type, so a model with
-    per-layer widths could not be cut again; per-layer budgets there are refused.
+    Budgets: one cut uses ``config.budget`` as given (by default prune()'s per-layer budget: fluctuation, global
+    from ``GLOBAL_FROM_SPARSITY``). A schedule of several cuts uses uniform widths for every cut: ``prune()`` starts
+    from one width per site type, so a model with per-layer widths could not be cut again; per-layer budgets there
+    are refused.
 
     Calibration: ``config.num_samples`` windows of ``config.seq_len`` tokens from the Trainer's own training data
     (``train_calibration``: the train dataloader's dataset and collate function, real tokens only), or any source

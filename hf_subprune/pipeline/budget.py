@@ -26,17 +26,27 @@ from .statistics import collect_statistics
 from .variants import VARIANTS
 from .widths import Widths, head_options, site_costs, uniform_widths, widths_from_options
 
-__all__ = ["MIN_ALLOCATION_TOKENS", "resolve_budget", "plan_widths", "curve_pass"]
+__all__ = ["MIN_ALLOCATION_TOKENS", "GLOBAL_FROM_SPARSITY", "resolve_budget", "plan_widths", "curve_pass"]
 
 MIN_ALLOCATION_TOKENS = 64
 """Below this many calibration tokens the default budget is uniform: FLAP's allocation standardises per-channel
 variances, whose relative error is about sqrt(2 / tokens) (18% at 64), and follows the noise. MiniLM at 50%
 calibrated on 4 sentences (17-48 tokens) lost 25 points of accuracy with the allocation."""
 
+GLOBAL_FROM_SPARSITY = 0.3
+"""From this overall sparsity on, a causal LM's default budget is global rather than fluctuation. FLAP's allocation
+reads each channel's own energy and cannot see what a deep cut costs the blocks after it: at 50% it cut SmolLM2's
+first MLP to a fifth and its last to a tenth. SmolLM2 calibrated on 8 x 512 WikiText-2 tokens (seed 0), global
+against fluctuation, perplexity on WikiText-2 / pydoc / Python source / SST-2: 0.92x / 0.86x / 0.84x / 0.88x at
+30%, 0.81x / 0.66x / 0.68x / 0.76x at 35%; at 25% 0.99x / 1.05x / 1.06x / 0.97x, a tie; at 20% (n = 4 and 32)
+1.02-1.07x in the calibration's domain and 1.21-1.33x on the others; at 50% (n = 4, seeds 0-2) 0.51-0.60x and
+0.11-0.31x (``benchmarks/results/budget_threshold_smollm2.md``, ``data_efficiency_smollm2_65k.md``)."""
+
 
 def resolve_budget(config: PruneConfig, tokens: int, causal_lm: bool = True) -> tuple[PruneConfig, list[str]]:
-    """The config with its budget decided, and a note when the default chose uniform widths: fluctuation for
-    causal LMs from ``MIN_ALLOCATION_TOKENS`` calibration tokens on; uniform below, and for encoders.
+    """The config with its budget decided, and a note when the default chose other than fluctuation: for causal LMs
+    fluctuation from ``MIN_ALLOCATION_TOKENS`` calibration tokens on, global from ``GLOBAL_FROM_SPARSITY`` on;
+    uniform below those tokens, and for encoders.
 
     Encoders: FLAP's allocation was made and measured for decoders' perplexity; on the MiniLM SST-2 classifier
     it halved the last blocks' MLPs and cost accuracy and embedding similarity that uniform widths kept
@@ -48,10 +58,14 @@ def resolve_budget(config: PruneConfig, tokens: int, causal_lm: bool = True) -> 
             "uniform widths: the default for encoders (FLAP's per-layer allocation, the decoders' default, cost "
             "a classifier accuracy); budget='fluctuation' or 'global' asks for per-layer widths"]
     if tokens >= MIN_ALLOCATION_TOKENS:
+        if config.sparsity is not None and config.sparsity >= GLOBAL_FROM_SPARSITY:
+            return dataclasses.replace(config, budget="global"), [
+                f"global budget: the default from an overall sparsity of {GLOBAL_FROM_SPARSITY:.0%} on (the "
+                "fluctuation budget's allocation cuts the first and last blocks too deep there)"]
         return dataclasses.replace(config, budget="fluctuation"), []
     return dataclasses.replace(config, budget="uniform"), [
-        f"uniform widths: {tokens} calibration tokens are too few for the fluctuation budget's per-layer "
-        f"allocation (it needs {MIN_ALLOCATION_TOKENS})"]
+        f"uniform widths: {tokens} calibration tokens are too few for the default per-layer budget's allocation "
+        f"(it needs {MIN_ALLOCATION_TOKENS})"]
 
 
 @torch.no_grad()
