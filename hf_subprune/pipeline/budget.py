@@ -40,7 +40,8 @@ first MLP to a fifth and its last to a tenth. SmolLM2 calibrated on 8 x 512 Wiki
 against fluctuation, perplexity on WikiText-2 / pydoc / Python source / SST-2: 0.92x / 0.86x / 0.84x / 0.88x at
 30%, 0.81x / 0.66x / 0.68x / 0.76x at 35%; at 25% 0.99x / 1.05x / 1.06x / 0.97x, a tie; at 20% (n = 4, 8 and 32)
 1.01-1.07x on WikiText-2 and SST-2 and 1.13-1.33x on pydoc and Python source; at 50% (n = 4, seeds 0-2) 0.51-0.60x
-on WikiText-2 and 0.11-0.60x on the others (``benchmarks/results/budget_threshold_smollm2.md``, ``data_efficiency_smollm2_65k.md``)."""
+on WikiText-2 and 0.11-0.60x on the others (``benchmarks/results/budget_threshold_smollm2.md``,
+``data_efficiency_smollm2_65k.md``)."""
 
 
 def resolve_budget(config: PruneConfig, tokens: int, causal_lm: bool = True) -> tuple[PruneConfig, list[str]]:
