@@ -178,7 +178,8 @@ def _gradual(task: Task, sparsity: float, row: Row):
     return model, {**stats, "schedule": {str(k): v for k, v in callback.schedule}}
 
 
-_BUDGETS = {None: "per-layer fluctuation budget", "fluctuation": "per-layer fluctuation budget",
+_BUDGETS = {None: "prune()'s default per-layer budget: fluctuation below 30%, global from 30%",
+            "fluctuation": "per-layer fluctuation budget (`--budget fluctuation`)",
             "uniform": "uniform widths (`--budget uniform`)",
             "global": "global budget from each site's greedy error curve (`--budget global`)"}
 
@@ -255,7 +256,7 @@ def main() -> None:
                         help="fine-tunes and perplexities under bfloat16 autocast (3x faster on CPUs with AMX)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--budget", default=None, choices=("uniform", "global", "fluctuation"),
-                        help="width allocation of the one-shot rows (default: prune()'s, the fluctuation budget)")
+                        help="width allocation of the one-shot rows (default: prune()'s: fluctuation below 30%%, global from 30%%)")
     parser.add_argument("--gradual-cuts", type=int, default=3,
                         help="cuts of the gradual rows, spread over the first half of the steps (default: 3)")
     parser.add_argument("--rows", default="all", help="'all', or labels separated by ';' (dense rows always run)")

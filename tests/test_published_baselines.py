@@ -408,7 +408,7 @@ def test_default_budget_needs_enough_calibration_tokens():
     assert PruneConfig(sparsity=0.3).budget is None and PruneConfig(sparsity=0.3, budget="global").budget == "global"
 
 
-def test_default_budget_is_global_from_global_from_sparsity_on():
+def test_default_budget_turns_global_at_global_from_sparsity():
     """From GLOBAL_FROM_SPARSITY on, a decoder's default budget is the global one (the report says so), with the
     widths and weights of asking for it; below, and when a budget is asked, nothing changes."""
     ids = calibration_ids(8, 16)
