@@ -47,6 +47,7 @@ from hf_subprune.calibration import builtin_text, load_texts, token_blocks  # no
 from hf_subprune.evaluation import perplexity  # noqa: E402
 from hf_subprune.integrations.recovery import CALIBRATION, recover  # noqa: E402
 from hf_subprune.loading import load_model  # noqa: E402
+from hf_subprune.pipeline.budget import GLOBAL_FROM_SPARSITY  # noqa: E402
 
 from data import add_data_arguments, require, sst2_rows, wikitext_text  # noqa: E402
 
@@ -149,7 +150,8 @@ def table(records: list[dict]) -> str:
              "(drift_correction 0.5); rows named \"until 2026-12-04\" ran without it. Since the eleventh session it "
              "also refits the sites its widths keep whole (refit_full_width); \"default, no whole-site refit\" is "
              "the default before that, and every other row named \"default...\" ran before it too. Since the "
-             "fourteenth session (2026-12-05) the default's budget is global from 30% of prunable parameters on: "
+             f"fourteenth session (2026-12-05) the default's budget is global from {GLOBAL_FROM_SPARSITY:.0%} of "
+             "prunable parameters on: "
              "its rows there are the runs of \"default, global budget\" (the same computation, marked "
              "\"same_run_as\" in the jsonl), and \"default, fluctuation budget\" holds the default before that "
              "(FLAP's allocation at every sparsity). Rows named "

@@ -51,9 +51,11 @@ import torch  # noqa: E402
 
 from hf_subprune import PruneConfig, count_parameters, prune  # noqa: E402
 from hf_subprune.calibration import builtin_text, token_blocks  # noqa: E402
+from hf_subprune.config import BUDGETS  # noqa: E402
 from hf_subprune.evaluation import perplexity  # noqa: E402
 from hf_subprune.integrations.recovery import RecoveryConfig, finetune, lm_examples  # noqa: E402
 from hf_subprune.loading import load_model  # noqa: E402
+from hf_subprune.pipeline.budget import GLOBAL_FROM_SPARSITY  # noqa: E402
 
 from data import add_data_arguments, require, wikitext_text  # noqa: E402
 
@@ -178,7 +180,8 @@ def _gradual(task: Task, sparsity: float, row: Row):
     return model, {**stats, "schedule": {str(k): v for k, v in callback.schedule}}
 
 
-_BUDGETS = {None: "prune()'s default per-layer budget: fluctuation below 30%, global from 30%",
+_DEFAULT_BUDGET = f"fluctuation below {GLOBAL_FROM_SPARSITY:.0%}, global from {GLOBAL_FROM_SPARSITY:.0%}"
+_BUDGETS = {None: f"prune()'s default per-layer budget: {_DEFAULT_BUDGET}",
             "fluctuation": "per-layer fluctuation budget (`--budget fluctuation`)",
             "uniform": "uniform widths (`--budget uniform`)",
             "global": "global budget from each site's greedy error curve (`--budget global`)"}
@@ -255,8 +258,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true",
                         help="fine-tunes and perplexities under bfloat16 autocast (3x faster on CPUs with AMX)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--budget", default=None, choices=("uniform", "global", "fluctuation"),
-                        help="width allocation of the one-shot rows (default: prune()'s: fluctuation below 30%%, global from 30%%)")
+    parser.add_argument("--budget", default=None, choices=BUDGETS,
+                        help=f"width allocation of the one-shot rows (default: prune()'s, {_DEFAULT_BUDGET})"
+                        .replace("%", "%%"))
     parser.add_argument("--gradual-cuts", type=int, default=3,
                         help="cuts of the gradual rows, spread over the first half of the steps (default: 3)")
     parser.add_argument("--rows", default="all", help="'all', or labels separated by ';' (dense rows always run)")
