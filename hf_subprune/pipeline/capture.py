@@ -32,6 +32,10 @@ class HookSet:
         """Add ``fn`` after the module's other pre-hooks, or before them with ``prepend``."""
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs, prepend=prepend))
 
+    def hook(self, module: nn.Module, fn: Callable) -> None:
+        """Add ``fn(module, args, output)``, run after the module's forward."""
+        self._handles.append(module.register_forward_hook(fn))
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -129,9 +133,11 @@ def _output(out):
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs, hidden: list[torch.Tensor], index: int, device,
-              stop_at: nn.Module | None = None, on_input: Callable[[torch.Tensor], None] | None = None):
+              stop_at: nn.Module | None = None, on_input: Callable[[torch.Tensor], None] | None = None,
+              on_output: Callable[[torch.Tensor], None] | None = None):
     """Run ``block`` on batch ``index`` of ``hidden``. With ``stop_at``, hand the input of that module to
-    ``on_input`` and stop there (returns None); without, return the block's output on ``device``."""
+    ``on_input`` and stop there (returns None), or with ``on_output`` also run the module, hand over its
+    output and stop after it; without, return the block's output on ``device``."""
     args = send_to_device(inputs.args[index], device)
     kwargs = send_to_device(inputs.kwargs[index], device)
     x = hidden[index].to(device)
@@ -140,10 +146,17 @@ def run_block(block: nn.Module, inputs: BlockInputs, hidden: list[torch.Tensor],
 
     def grab(module, module_args):
         on_input(module_args[0])
+        if on_output is None:
+            raise StopForward
+
+    def grab_output(module, module_args, output):
+        on_output(output)
         raise StopForward
 
     with HookSet() as hooks:
         hooks.pre_hook(stop_at, grab)
+        if on_output is not None:
+            hooks.hook(stop_at, grab_output)
         try:
             block(x, *args, **kwargs)
         except StopForward:

@@ -122,7 +122,7 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
         after: dict[str, list[torch.Tensor]] = {}
         start = time.perf_counter()
         if dense is not None:  # before any cut: the block is the dense model's
-            after, dense = dense_targets(block, sites, adapter, inputs, dense, device)
+            after, dense = dense_targets(block, sites, inputs, dense, device)
         for number, site in enumerate(sites):
             t0 = start if number == 0 else time.perf_counter()  # the first site's time includes the dense targets
             # Before the block's first cut, its uncut copy computes what the block does: read one of them.
