@@ -145,7 +145,8 @@ class Task:
     def recovery_config(self, row: Row) -> RecoveryConfig:
         weight = 1.0 if isinstance(row.distill, bool) else float(row.distill)
         return RecoveryConfig(full=row.how != "lora", max_steps=self.args.steps, lr=self.args.lr,
-                              batch_size=self.args.batch_size, lora_r=self.args.lora_r, distill=bool(row.distill),
+                              batch_size=self.args.batch_size, warmup=self.args.warmup, lora_r=self.args.lora_r,
+                              distill=bool(row.distill),
                               distill_weight=weight, distill_hidden=row.hidden, bf16=self.args.bf16, seed=0)
 
     def train(self, model, row: Row, callbacks=None) -> tuple:
@@ -215,7 +216,9 @@ def _table(records: list[dict], args) -> str:
              f"Pruning: default settings (greedy + refit, asymmetric; {_BUDGETS[args.budget]}) from "
              f"{args.num_samples} x {args.seq_len} tokens of WikiText-2 valid (seed 0). Every fine-tune: "
              f"{args.steps} steps of {args.batch_size} sequences of {args.seq_len} tokens, learning rate "
-             f"{args.lr or 'recover() default at the time of the run'} (the lr column), LoRA r = {args.lora_r} "
+             f"{args.lr or 'recover() default at the time of the run'} (the lr column)"
+             + (f" after a linear warmup over {args.warmup:.0%} of the steps" if getattr(args, "warmup", 0) else "")
+             + f", LoRA r = {args.lora_r} "
              "on every linear layer (merged), linear decay, seed 0. Distillation: KL from the dense model, "
              "temperature 1 (alone, its x dense-FT reference is the dense model, which distilling from itself leaves "
              "in place); \"+ hidden states\" adds the relative squared error of every block's output against the "
@@ -249,6 +252,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="training steps of every fine-tune (default: 64)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: 4)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: recover()'s)")
+    parser.add_argument("--warmup", type=float, default=0.0,
+                        help="share of the steps of linear warmup before the linear decay (default: 0)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: 8)")
     parser.add_argument("--num-samples", type=int, default=32, help="calibration blocks (default: 32)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per block (default: 512)")

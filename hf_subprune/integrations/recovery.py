@@ -53,6 +53,7 @@ class RecoveryConfig:
     max_steps: int | None = None
     epochs: float | None = None  # one epoch when neither this nor max_steps is given
     lr: float | None = None  # default: see learning_rate
+    warmup: float = 0.0  # share of the steps over which the rate rises linearly from 0, before its linear decay
     batch_size: int = 4
     seq_len: int | None = None  # data files: tokens per block (causal LM) or per text (classifier)
     num_samples: int | None = None  # data files: blocks or texts to train on (default: all)
@@ -78,6 +79,8 @@ class RecoveryConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a share of the training steps, in [0, 1); got {self.warmup}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.distill_weight <= 1:
@@ -402,7 +405,8 @@ def finetune(model: nn.Module, tokenizer, examples: list[dict], config: Recovery
     with tempfile.TemporaryDirectory(prefix="hf_subprune-recovery-") as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
-            max_steps=steps, num_train_epochs=epochs, weight_decay=0.0, warmup_steps=0, logging_steps=1,
+            max_steps=steps, num_train_epochs=epochs, weight_decay=0.0, warmup_steps=float(config.warmup),
+            logging_steps=1,
             save_strategy="no", report_to="none", seed=config.seed, data_seed=config.seed,
             use_cpu=target.type == "cpu", bf16=config.bf16, remove_unused_columns=False, dataloader_pin_memory=False,
             include_num_input_tokens_seen="non_padding" if padded else "all", disable_tqdm=not progress)
