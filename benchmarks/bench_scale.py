@@ -162,6 +162,7 @@ def run_synthetic(args, python: str) -> list[dict]:
 
 def run_demo(args, python: str) -> list[dict]:
     rows = []
+    run_label = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")  # one run, compared within
     with tempfile.TemporaryDirectory(prefix="bench_scale-demo-", dir=args.work_dir) as tmp:
         tree = Path(tmp) / "before"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.before], check=True,
@@ -185,7 +186,8 @@ def run_demo(args, python: str) -> list[dict]:
                     print(run["output_tail"], flush=True)
                 report = out / "subprune_report.json"
                 quality = json.loads(report.read_text()).get("evaluation", {}) if report.exists() else {}
-                rows.append({"case": "demo", "size": label, "dtype": dtype, "threads": args.threads or None,
+                rows.append({"case": "demo", "run": run_label, "size": label, "dtype": dtype,
+                             "threads": args.threads or None,
                              "ref": ref, "seconds": run["seconds"], "returncode": run["returncode"],
                              "peak_rss_bytes": run["peak_rss_bytes"], "evaluation": quality})
                 print(f"demo {label} ({ref}, --dtype {dtype}): {run['seconds']:.0f} s, peak "
@@ -196,7 +198,8 @@ def run_demo(args, python: str) -> list[dict]:
 
 
 def _key(row: dict) -> tuple:
-    return row["case"], row["size"], row.get("mmap_threshold", 0), row.get("commit", ""), row.get("dtype", "auto")
+    return (row["case"], row.get("run", ""), row["size"], row.get("mmap_threshold", 0), row.get("commit", ""),
+            row.get("dtype", "auto"))
 
 
 def table(rows: list[dict], env: dict) -> str:
@@ -220,30 +223,38 @@ def table(rows: list[dict], env: dict) -> str:
                      f"| {r.get('mmap_threshold') or '-'} | {r.get('threads') or '-'} | {r['seconds']:.0f} "
                      f"| {rate:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['peak_above_import_over_disk']:.2f} "
                      f"({ok}) |")
-    demo = {(r.get("dtype", "auto"), r["size"]): r for r in rows if r["case"] == "demo"}
-    if demo:
+    runs: dict[str, dict] = {}  # run -> (dtype, code) -> row: speed-ups compare rows of one run only
+    for r in rows:
+        if r["case"] == "demo":
+            runs.setdefault(r.get("run", "?"), {})[(r.get("dtype", "auto"), r["size"])] = r
+    if runs:
         lines += ["", "## The README's demo command, before and after (same machine, one run)", "",
                   "`hf-subprune " + " ".join(DEMO) + " --dtype DTYPE --output OUT`; threads: OMP_NUM_THREADS "
-                  "(`-` = torch's default). Speed-up: against the code before, same dtype. \"after\" starts with "
-                  "an empty GGUF conversion cache (it converts and writes it), \"after, cache warm\" is the same "
-                  "command run again (rows before the thirteenth session: no cache).", "",
-                  "| code | commit | --dtype | threads | seconds | peak RSS GiB | perplexity before -> after "
+                  "(`-` = torch's default). Speed-up: against the code before in the same run, same dtype (`-`: "
+                  "not run then). \"after\" starts with an empty GGUF conversion cache (it converts and writes it), "
+                  "\"after, cache warm\" is the same command run again (rows before the thirteenth session: no cache). "
+                  "The machine's speed differs from day to day, so only rows of one run compare.", "",
+                  "| run | code | commit | --dtype | threads | seconds | peak RSS GiB | perplexity before -> after "
                   "| speed-up |",
-                  "| --- | --- | --- | --- | ---: | ---: | --- | ---: |"]
+                  "| --- | --- | --- | --- | --- | ---: | ---: | --- | ---: |"]
         order = {"before": 0, "after": 1, WARM: 2}
-        for dtype, label in sorted(demo, key=lambda key: (key[0] != "auto", key[0], order.get(key[1], 3))):
-            r, before = demo[(dtype, label)], demo.get((dtype, "before"))
-            ppl = r["evaluation"].get("perplexity") or {}
-            quality = f"{ppl['before']:.2f} -> {ppl['after']:.2f}" if ppl else "-"
-            speed = f"{before['seconds'] / r['seconds']:.2f}x" if before else "-"
-            lines.append(f"| {label} | {r['ref']} | {dtype} | {r.get('threads') or '-'} | {r['seconds']:.0f} "
-                         f"| {r['peak_rss_bytes'] / 2**30:.2f} | {quality} | {speed} |")
-        old, new, warm = (demo.get(key) for key in (("auto", "before"), ("bfloat16", "after"), ("bfloat16", WARM)))
-        if old and new:
-            again = f"; run again, {warm['seconds']:.0f} s, {old['seconds'] / warm['seconds']:.2f}x" if warm else ""
-            lines += ["", f"The README's command as it was (float32, the code before) against the command it gives now "
-                      f"(`--dtype bfloat16`, this code): {old['seconds']:.0f} s -> {new['seconds']:.0f} s, "
-                      f"{old['seconds'] / new['seconds']:.2f}x, first run{again}."]
+        for run, demo in runs.items():
+            for dtype, label in sorted(demo, key=lambda key: (key[0] != "auto", key[0], order.get(key[1], 3))):
+                r, before = demo[(dtype, label)], demo.get((dtype, "before"))
+                ppl = r.get("evaluation", {}).get("perplexity") or {}
+                quality = f"{ppl['before']:.2f} -> {ppl['after']:.2f}" if ppl else "-"
+                speed = f"{before['seconds'] / r['seconds']:.2f}x" if before else "-"
+                lines.append(f"| {run} | {label} | {r['ref']} | {dtype} | {r.get('threads') or '-'} "
+                             f"| {r['seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | {quality} | {speed} |")
+        lines.append("")
+        for run, demo in runs.items():
+            old, new, warm = (demo.get(key) for key in (("auto", "before"), ("bfloat16", "after"),
+                                                         ("bfloat16", WARM)))
+            if old and new:
+                again = f"; run again, {warm['seconds']:.0f} s, {old['seconds'] / warm['seconds']:.2f}x" if warm else ""
+                lines.append(f"Run {run}: the README's command as it was (float32, the code before) against the "
+                             f"command it gives now (`--dtype bfloat16`, {new['ref']}): {old['seconds']:.0f} s -> "
+                             f"{new['seconds']:.0f} s, {old['seconds'] / new['seconds']:.2f}x, first run{again}.")
     return "\n".join(lines) + "\n"
 
 

@@ -51,6 +51,9 @@ def _recovery_flags(parser, *, within_prune: bool) -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help=f"{when}learning rate (default: 2e-4 with LoRA, 2e-5 with --full; with --distill "
                              "alone 5x the LoRA rate, 20x the full one)")
+    parser.add_argument("--warmup", type=float, default=None, metavar="SHARE",
+                        help=f"{when}share of the steps over which the learning rate rises linearly from 0 before "
+                             "its linear decay (default: 0)")
     parser.add_argument("--distill", action="store_true",
                         help=f"{when}train on the KL divergence from the teacher's output distribution (no labels "
                              "needed) instead of the model's own loss")
@@ -76,8 +79,8 @@ def _recovery_flags(parser, *, within_prune: bool) -> None:
 
 def _recovery_settings(args) -> dict:
     """The recovery keywords the flags give (unset flags keep recover()'s defaults)."""
-    settings = {key: getattr(args, key) for key in ("lora_r", "lora_alpha", "lr", "teacher", "distill_weight",
-                                                       "distill_hidden", "teacher_samples")
+    settings = {key: getattr(args, key) for key in ("lora_r", "lora_alpha", "lr", "warmup", "teacher",
+                                                       "distill_weight", "distill_hidden", "teacher_samples")
                 if getattr(args, key) is not None}
     if args.finetune_batch_size is not None:
         settings["batch_size"] = args.finetune_batch_size

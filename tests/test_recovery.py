@@ -465,3 +465,41 @@ def test_teacher_samples_flag_reaches_recover():
     args = parser.parse_args(["finetune", "DIR", "--data", "calibration", "--output", "OUT", "--distill",
                               "--distill-hidden", "0.5"])
     assert _recovery_settings(args) == {"distill": True, "distill_hidden": 0.5}
+
+
+def test_warmup_raises_the_rate_from_zero_then_decays(pruned_dirs, tmp_path):
+    """``warmup=0.5`` over 8 steps: the rate the optimizer uses climbs from 0 to ``lr`` over the first 4 steps,
+    then falls linearly; without warmup it starts at ``lr``. The card says so; out of [0, 1) is refused; the flag
+    reaches recover."""
+    from transformers import TrainerCallback
+
+    from hf_subprune.cli import _recovery_settings, build_parser
+    from hf_subprune.integrations.recovery import finetune, lm_examples
+
+    class Rates(TrainerCallback):
+        def __init__(self):
+            self.seen = []
+
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            self.seen.append(optimizer.param_groups[0]["lr"])
+
+    result = recover(pruned_dirs["stock"], "calibration", max_steps=2, warmup=0.5, output=tmp_path / "out",
+                     progress=False)
+    assert result.recovery["config"]["warmup"] == 0.5
+    assert "after a linear warmup over 50% of the steps" in (tmp_path / "out" / "README.md").read_text()
+    ids = torch.randint(0, result.model.config.vocab_size, (8, 16))
+    rates = {}
+    for warmup in (0.0, 0.5):
+        rates[warmup] = Rates()
+        finetune(result.model, None, lm_examples(ids), RecoveryConfig(full=True, max_steps=8, lr=1e-3, warmup=warmup),
+                 device="cpu", progress=False, callbacks=[rates[warmup]])
+    warm = rates[0.5].seen
+    assert rates[0.0].seen[0] == pytest.approx(1e-3)
+    assert warm[0] == 0 and all(a < b for a, b in zip(warm[:4], warm[1:5])) and warm[4] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(warm[4:], warm[5:]))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="warmup"):
+            RecoveryConfig(warmup=bad)
+    args = build_parser().parse_args(["finetune", "DIR", "--data", "calibration", "--output", "OUT",
+                                      "--warmup", "0.1"])
+    assert _recovery_settings(args) == {"warmup": 0.1}

@@ -586,6 +586,7 @@ def recover(
     max_steps: int | None = None,
     epochs: float | None = None,
     lr: float | None = None,
+    warmup: float = 0.0,
     seq_len: int | None = None,
     num_samples: int | None = None,
     device: str | None = None,
@@ -617,7 +618,8 @@ def recover(
             takes a labelled .tsv/.csv/.jsonl file (text and label columns, found by name).
         output / overwrite: the folder to write; an existing non-empty one only with ``overwrite``.
         lora_r / lora_alpha / lora_dropout / full: LoRA on every Linear layer, or a full fine-tune.
-        max_steps / epochs / lr / batch_size / seed: the Trainer's schedule (one epoch by default).
+        max_steps / epochs / lr / batch_size / seed: the Trainer's schedule (one epoch by default): the rate
+            decays linearly to 0, after rising linearly from 0 over the first ``warmup`` share of the steps.
         seq_len / num_samples: how a data file is cut (default: the calibration's block length, all blocks).
         distill / teacher / distill_weight: KL divergence from the teacher's distribution (a name or path for
             ``load_model``, or a model; default the report's base model), mixed with the model's own loss with
@@ -632,8 +634,8 @@ def recover(
             perplexity protocol, when its text can be read again).
     """
     config = RecoveryConfig(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, full=full,
-                            max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size, seq_len=seq_len,
-                            num_samples=num_samples, distill=distill,
+                            max_steps=max_steps, epochs=epochs, lr=lr, warmup=warmup, batch_size=batch_size,
+                            seq_len=seq_len, num_samples=num_samples, distill=distill,
                             teacher=teacher if isinstance(teacher, str) or teacher is None else type(teacher).__name__,
                             distill_weight=distill_weight, distill_hidden=distill_hidden,
                             teacher_samples=teacher_samples, bf16=bf16, seed=seed)

@@ -67,10 +67,17 @@ def _recovery(report: dict) -> dict | None:
                  if distill else ("cross-entropy on the labels" if data.get("labelled") else "next-token loss")),
         "data": f"{source} ({size}, fingerprint `{data['fingerprint']}`)" + _teacher_written(data),
         "steps": recovery["steps"], "tokens": f"{recovery['tokens']:,}", "seconds": f"{recovery['seconds']:.1f}",
-        "learning_rate": f"{recovery['learning_rate']:g}", "batch_size": recovery["batch_size"],
+        "learning_rate": f"{recovery['learning_rate']:g}" + _warmup(recovery.get("config", {})),
+        "batch_size": recovery["batch_size"],
         "rows": _evaluation_rows(recovery.get("evaluation", {})),
         "protocol": _protocol_text(protocols[0]) if protocols else None,
     }
+
+
+def _warmup(config: dict) -> str:
+    """The learning rate's note on a warmup (``recover(warmup=...)``); the decay is linear either way."""
+    share = config.get("warmup") or 0
+    return f" after a linear warmup over {share:.0%} of the steps" if share else ""
 
 
 def _teacher_written(data: dict) -> str:
