@@ -15,14 +15,15 @@ row holds the median over the rounds, and its spread (min, max) is kept in the j
     python benchmarks/bench_speed.py                       # CPU, 20/30/50%, uniform and global widths
     python benchmarks/bench_speed.py --device cuda --dtype bfloat16
 
-Rows accumulate in benchmarks/results/speed_<device>.jsonl (a rerun replaces rows with the same key) and the
-table speed_<device>.md is rewritten from them.
+Rows accumulate in benchmarks/results/speed_<device>.jsonl, each with its run (the time it started), and the table
+speed_<device>.md is rewritten from them: a row's speed-up is against the dense row of its own run.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import os
 import statistics
@@ -89,7 +90,7 @@ def measure(model, device: torch.device, batches: list[int], repeats: int, vocab
 
 
 def _key(row: dict) -> tuple:
-    return row["budget"], row["sparsity"], row["dtype"], row["threads"]
+    return row.get("run", ""), row["budget"], row["sparsity"], row["dtype"], row["threads"]
 
 
 def table(rows: list[dict], device: str) -> str:
@@ -98,17 +99,21 @@ def table(rows: list[dict], device: str) -> str:
     lines = [f"# Inference speed, {device}", "",
              f"SmolLM2-135M; prefill of {PREFILL_TOKENS} tokens, decode of {NEW_TOKENS} new tokens after a "
              f"{PROMPT_TOKENS}-token prompt (KV cache), median over rounds that time every model in turn; x dense: "
-             "speed-up over the dense row of the same dtype and threads.", "",
-             f"| budget | sparsity | parameters | {head} |", "| --- | --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
-    dense = {(r["dtype"], r["threads"]): r for r in rows if r["budget"] == "dense"}
-    for r in sorted(rows, key=lambda r: (r["dtype"], r["threads"], r["budget"] != "dense", r["budget"], r["sparsity"])):
-        ref = dense.get((r["dtype"], r["threads"]))
+             "speed-up over the dense row of the same run, dtype and threads (the machine's speed differs from "
+             "one run to the next: only rows of one run compare).", "",
+             f"| run | budget | sparsity | parameters | {head} |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
+    group = lambda r: (r.get("run", "earlier"), r["dtype"], r["threads"])  # noqa: E731
+    dense = {group(r): r for r in rows if r["budget"] == "dense"}
+    for r in sorted(rows, key=lambda r: (group(r), r["budget"] != "dense", r["budget"], r["sparsity"])):
+        ref = dense.get(group(r))
         cells = []
         for m in metrics:
             value = r["tokens_per_s"][m]
             ratio = f" ({value / ref['tokens_per_s'][m]:.2f}x)" if ref and r is not ref else ""
             cells.append(f"{value:.0f}{ratio}")
-        lines.append(f"| {r['budget']} | {r['sparsity']:.0%} | {r['params']:,} | " + " | ".join(cells) + " |")
+        lines.append(f"| {group(r)[0]} | {r['budget']} | {r['sparsity']:.0%} | {r['params']:,} | "
+                     + " | ".join(cells) + " |")
     meta = rows[0] if rows else {}
     lines += ["", f"dtype {meta.get('dtype')}, {meta.get('threads')} threads, torch {torch.__version__}."]
     return "\n".join(lines) + "\n"
@@ -136,6 +141,7 @@ def main() -> None:
     base, tokenizer, _ = load_model("smollm2", dtype="float32")
     ids = token_blocks(load_texts([wikitext_text("valid", args.data, args.hub)]), tokenizer, args.num_samples,
                        args.seq_len)
+    run = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")
     path = RESULTS / f"speed_{device.type}.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
     batches = [int(b) for b in args.batches.split(",")]
@@ -156,7 +162,7 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds}: dense {samples['dense', 0.0][-1]}", flush=True)
     for (budget, sparsity), model in models.items():
         runs = samples[budget, sparsity]
-        row = {"budget": budget, "sparsity": sparsity, "dtype": args.dtype, "threads": torch.get_num_threads(),
+        row = {"run": run, "budget": budget, "sparsity": sparsity, "dtype": args.dtype, "threads": torch.get_num_threads(),
                "device": str(device), "params": count_parameters(model), "rounds": args.rounds,
                "tokens_per_s": {m: statistics.median(run[m] for run in runs) for m in runs[0]},
                "spread": {m: [min(run[m] for run in runs), max(run[m] for run in runs)] for m in runs[0]}}
