@@ -103,7 +103,10 @@ def table(rows: list[dict], device: str) -> str:
              "one run to the next: only rows of one run compare).", "",
              f"| run | budget | sparsity | parameters | {head} |",
              "| --- | --- | --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
-    group = lambda r: (r.get("run", "earlier"), r["dtype"], r["threads"])  # noqa: E731
+
+    def group(r: dict) -> tuple:  # rows before runs were recorded form one run, "earlier"
+        return r.get("run", "earlier"), r["dtype"], r["threads"]
+
     dense = {group(r): r for r in rows if r["budget"] == "dense"}
     for r in sorted(rows, key=lambda r: (group(r), r["budget"] != "dense", r["budget"], r["sparsity"])):
         ref = dense.get(group(r))
