@@ -217,7 +217,7 @@ def _table(records: list[dict], args) -> str:
              f"{args.num_samples} x {args.seq_len} tokens of WikiText-2 valid (seed 0). Every fine-tune: "
              f"{args.steps} steps of {args.batch_size} sequences of {args.seq_len} tokens, learning rate "
              f"{args.lr or 'recover() default at the time of the run'} (the lr column)"
-             + (f" after a linear warmup over {args.warmup:.0%} of the steps" if getattr(args, "warmup", 0) else "")
+             + (f" after a linear warmup over {args.warmup:.0%} of the steps" if args.warmup else "")
              + f", LoRA r = {args.lora_r} "
              "on every linear layer (merged), linear decay, seed 0. Distillation: KL from the dense model, "
              "temperature 1 (alone, its x dense-FT reference is the dense model, which distilling from itself leaves "

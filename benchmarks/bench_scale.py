@@ -36,7 +36,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from provenance import ROOT, commit  # noqa: E402
+from provenance import ROOT, commit, run_label  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -162,7 +162,7 @@ def run_synthetic(args, python: str) -> list[dict]:
 
 def run_demo(args, python: str) -> list[dict]:
     rows = []
-    run_label = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")  # one run, compared within
+    run = run_label()
     with tempfile.TemporaryDirectory(prefix="bench_scale-demo-", dir=args.work_dir) as tmp:
         tree = Path(tmp) / "before"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.before], check=True,
@@ -186,7 +186,7 @@ def run_demo(args, python: str) -> list[dict]:
                     print(run["output_tail"], flush=True)
                 report = out / "subprune_report.json"
                 quality = json.loads(report.read_text()).get("evaluation", {}) if report.exists() else {}
-                rows.append({"case": "demo", "run": run_label, "size": label, "dtype": dtype,
+                rows.append({"case": "demo", "run": run, "size": label, "dtype": dtype,
                              "threads": args.threads or None,
                              "ref": ref, "seconds": run["seconds"], "returncode": run["returncode"],
                              "peak_rss_bytes": run["peak_rss_bytes"], "evaluation": quality})
@@ -226,7 +226,7 @@ def table(rows: list[dict], env: dict) -> str:
     runs: dict[str, dict] = {}  # run -> (dtype, code) -> row: speed-ups compare rows of one run only
     for r in rows:
         if r["case"] == "demo":
-            runs.setdefault(r.get("run", "?"), {})[(r.get("dtype", "auto"), r["size"])] = r
+            runs.setdefault(r.get("run", "earlier"), {})[(r.get("dtype", "auto"), r["size"])] = r
     if runs:
         lines += ["", "## The README's demo command, before and after (same machine, one run)", "",
                   "`hf-subprune " + " ".join(DEMO) + " --dtype DTYPE --output OUT`; threads: OMP_NUM_THREADS "

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
 import statistics
@@ -44,6 +43,7 @@ from hf_subprune.calibration import load_texts, token_blocks  # noqa: E402
 from hf_subprune.loading import load_model  # noqa: E402
 
 from data import add_data_arguments, require, wikitext_text  # noqa: E402
+from provenance import run_label  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PREFILL_TOKENS, PROMPT_TOKENS, NEW_TOKENS = 512, 16, 64
@@ -144,7 +144,7 @@ def main() -> None:
     base, tokenizer, _ = load_model("smollm2", dtype="float32")
     ids = token_blocks(load_texts([wikitext_text("valid", args.data, args.hub)]), tokenizer, args.num_samples,
                        args.seq_len)
-    run = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")
+    run = run_label()
     path = RESULTS / f"speed_{device.type}.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
     batches = [int(b) for b in args.batches.split(",")]

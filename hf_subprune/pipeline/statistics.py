@@ -47,9 +47,9 @@ def site_inputs(block: nn.Module, site: Site, inputs: BlockInputs, hidden: list[
         if site.residual is not None:
             hooks.pre_hook(block.get_submodule(site.residual), lambda module, args: seen.append(args[0]))
         got = consumer_inputs(block, site.consumer, inputs, hidden, index, device, product=product)
-    x, rest = (got[0], got[1:]) if product else (got, ())
+    x, *product_rows = got if product else (got,)
     residual = seen[0] if seen else hidden[index].to(device)
-    return (x, inputs.rows(index, residual), *rest)
+    return (x, inputs.rows(index, residual), *product_rows)
 
 
 @torch.no_grad()
