@@ -14,9 +14,9 @@ row (``hf_subprune.integrations.recovery.finetune``: a stock Trainer, LoRA merge
   every weight too); distillation with the hidden-state term too (``distill_hidden``: every block's output
   matched to the dense model's);
 - gradual pruning in one Trainer run (``SubpruneCallback``: --gradual-cuts cuts up to the sparsity by half the
-  steps, full fine-tune throughout, same steps and data), on the LM loss and on distillation. A schedule of
-  several cuts needs uniform widths, where the one-shot rows use the default per-layer budget. These rows are
-  skipped, with a message, where the callback is unavailable.
+  steps, full fine-tune throughout, same steps and data), on the LM loss and on distillation. Every cut uses
+  --budget (the callback's default for a schedule, uniform widths, where it is not given), decided afresh from the
+  model as it is at that step. These rows are skipped, with a message, where the callback is unavailable.
 
 Perplexity on the first --eval-tokens tokens of WikiText-2 test and on the built-in held-out text (Python's pydoc
 topics: the half the CLI's demo does not calibrate on), in non-overlapping windows of --eval-window tokens. Time and
@@ -174,11 +174,12 @@ def _gradual(task: Task, sparsity: float, row: Row):
         print(f"skipping the gradual row: SubpruneCallback is not available ({e})", flush=True)
         return None
     args = task.args
-    config = PruneConfig(sparsity=sparsity, num_samples=args.num_samples, seq_len=args.seq_len, budget="uniform")
+    budget = args.budget or "uniform"
+    config = PruneConfig(sparsity=sparsity, num_samples=args.num_samples, seq_len=args.seq_len, budget=budget)
     callback = SubpruneCallback(config, schedule=_schedule(sparsity, args.steps, args.gradual_cuts),
                                 calibration=task.calibration)
     model, stats = task.train(copy.deepcopy(task.model), row, callbacks=[callback])
-    return model, {**stats, "schedule": {str(k): v for k, v in callback.schedule}}
+    return model, {**stats, "schedule": {str(k): v for k, v in callback.schedule}, "budget": budget}
 
 
 _DEFAULT_BUDGET = f"fluctuation below {GLOBAL_FROM_SPARSITY:.0%}, global from {GLOBAL_FROM_SPARSITY:.0%}"
@@ -227,8 +228,9 @@ def _table(records: list[dict], args) -> str:
              f"non-overlapping windows of {args.eval_window}."
              + (" Mixed precision: every fine-tune and every perplexity under bfloat16 autocast (`--bf16`); "
                 "the pruning itself in float32." if args.bf16 else ""),
-             "Gradual: SubpruneCallback in one Trainer run (full fine-tune, uniform widths, cuts "
-             "at the steps shown in the jsonl), same steps and data as the other rows.", "",
+             "Gradual: SubpruneCallback in one Trainer run (full fine-tune, "
+             f"{_BUDGETS[args.budget] if args.budget else 'uniform widths'} at every cut, cuts at the steps shown in "
+             "the jsonl), same steps and data as the other rows.", "",
              "| row | sparsity | parameters | " + " | ".join(title for _, title in METRICS)
              + " | x dense-FT | lr | steps | tokens | train s | peak RSS GiB |",
              "| --- | --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- | --- | --- | --- | --- | --- |"]

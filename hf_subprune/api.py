@@ -226,20 +226,15 @@ def _add_synthetic(model: nn.Module, input_ids: torch.Tensor, config: PruneConfi
     return torch.cat([input_ids, generated]), record, [note]
 
 
-def _one_width_per_site_type(adapter, model: nn.Module, blocks: nn.ModuleList):
-    """The blocks' common widths (``site_costs``); a model whose blocks differ (pruned before with a per-layer
-    budget) is refused, since the widths and budgets start from one width per site type."""
-    try:
-        costs, per_layer = [site_costs(adapter, model.config, block) for block in blocks], False
-    except Exception as e:  # transformers refuses a global head count where the config sets one per layer
-        if type(e).__name__ != "AmbiguousGlobalPerLayerAttributeError":
-            raise
-        costs, per_layer = [], True
-    if per_layer or len({(c.mlp_width, c.heads, c.kv_heads) for c in costs}) > 1:
-        raise ValueError("the blocks of this model have different widths: it was pruned before with per-layer "
-                         "widths, and prune() starts from one width per site type. Prune the original model once to "
-                         "the total sparsity you want, or prune with budget='uniform' both times")
-    return costs[0]
+def _widths_before(adapter, blocks: nn.ModuleList) -> dict:
+    """The widths the model has before the cut, for the report and the card: the largest of each site type, and,
+    where the blocks differ (pruned before with per-layer widths), every block's under ``layers``."""
+    layers = [site_costs(adapter, block).widths for block in blocks]
+    widths = {"mlp": max(w.mlp for w in layers), "heads": max(w.heads for w in layers),
+              "kv_heads": max(w.kv_heads for w in layers)}
+    if len({(w.mlp, w.heads, w.kv_heads) for w in layers}) > 1:
+        widths["layers"] = [{"mlp": w.mlp, "heads": w.heads, "kv_heads": w.kv_heads} for w in layers]
+    return widths
 
 
 @torch.no_grad()
@@ -311,7 +306,7 @@ def prune(
     adapter = get_adapter(model.config)
     check_model(model)
     _, blocks = find_blocks(model)
-    costs = _one_width_per_site_type(adapter, model, blocks)
+    before_widths = _widths_before(adapter, blocks)
     if attention_mask is not None and input_ids is None:
         raise ValueError("attention_mask goes with input_ids: give both, or calibration text (encoders are then "
                          "padded one text per sample by themselves)")
@@ -346,7 +341,6 @@ def prune(
     before = _measure(evaluate, model)
     start += time.perf_counter() - measured  # the time is the pruning's: no evaluation in it
     params_before = count_parameters(model)
-    widths_before = {"mlp": costs.mlp_width, "heads": costs.heads, "kv_heads": costs.kv_heads}
     was_training = model.training
     model.eval()
     try:
@@ -368,7 +362,7 @@ def prune(
     for note in widths[0].notes:
         logger.info(note)
     return PruneResult(
-        model=model, tokenizer=tokenizer, config=config, widths=widths, widths_before=widths_before, sites=reports,
+        model=model, tokenizer=tokenizer, config=config, widths=widths, widths_before=before_widths, sites=reports,
         params_before=params_before, params_after=count_parameters(model), seconds=seconds,
         calibration={"num_samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]),
                      "tokens": tokens, "fingerprint": fingerprint(input_ids, attention_mask),

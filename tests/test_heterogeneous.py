@@ -12,6 +12,7 @@ import transformers
 from hf_subprune import prune
 from hf_subprune.adapters import get_adapter
 from hf_subprune.pipeline.capture import find_blocks
+from hf_subprune.pipeline.widths import site_costs
 from hf_subprune.adapters import auto_class_for
 from hf_subprune.outputs.export import check_reload
 from hf_subprune.outputs.heterogeneous import REMOTE_FILE, layer_widths, needs_heterogeneous, write_heterogeneous
@@ -42,7 +43,8 @@ def cut_block(model, index: int, *, heads: int | None = None, kv_heads: int | No
     gen = torch.Generator().manual_seed(index)
     sites = []
     if heads is not None:
-        sites.append(attention_site(adapter, model.config, f"{prefix}.{index}.attention", heads, kv_heads, mode))
+        sites.append(attention_site(adapter, site_costs(adapter, block), f"{prefix}.{index}.attention", heads, kv_heads,
+                                    mode))
     if mlp is not None:
         width = adapter.weight(block.get_submodule(adapter.mlp.consumer)).shape[1]
         sites.append(mlp_site(adapter, f"{prefix}.{index}.mlp", width, mlp))
@@ -146,7 +148,8 @@ def test_head_pruning_through_prune_and_save(model_type, tmp_path):
 def test_gpt2_fused_qkv_rows_keep_whole_heads():
     """A kept GPT-2 head keeps its rows in each of the q, k and v segments of c_attn, in segment order."""
     model = tiny_model("gpt2")  # 4 heads of 8: segments of 32 rows
-    site = attention_site(get_adapter(model.config), model.config, "h.0.attention", 2, 2, "query_quota")
+    adapter = get_adapter(model.config)
+    site = attention_site(adapter, site_costs(adapter, find_blocks(model)[1][0]), "h.0.attention", 2, 2, "query_quota")
     rows = site.rows_to_keep([3, 1])["attn.c_attn"].tolist()
     heads = list(range(8, 16)) + list(range(24, 32))
     assert rows == heads + [32 + r for r in heads] + [64 + r for r in heads]
@@ -161,9 +164,10 @@ def test_cut_without_refit_equals_masking_the_removed_heads(model_type):
     adapter = get_adapter(model.config)
     prefix, blocks = find_blocks(model)
     _, masked_blocks = find_blocks(masked)
-    heads, kv_heads = adapter.heads(model.config), adapter.kv_heads(model.config)
+    costs = site_costs(adapter, blocks[0])
+    heads, kv_heads = costs.heads, costs.kv_heads
     keep = heads // 2 if heads == kv_heads else heads // 2 // kv_heads * kv_heads
-    site = attention_site(adapter, model.config, f"{prefix}.0.attention", keep, kv_heads if heads != kv_heads else keep,
+    site = attention_site(adapter, costs, f"{prefix}.0.attention", keep, kv_heads if heads != kv_heads else keep,
                           "query_quota")
     kept = _kept_groups(site, torch.Generator().manual_seed(0))
     columns = site.groups[kept].flatten()

@@ -14,11 +14,12 @@ import transformers
 from safetensors import safe_open
 
 from hf_subprune import prune
-from hf_subprune.adapters import auto_class_for
+from hf_subprune.adapters import auto_class_for, get_adapter
 from hf_subprune.checks import check_model
 from hf_subprune.loading import load_model
 from hf_subprune.pipeline.capture import find_blocks
 from hf_subprune.pipeline.lazy import LAZY_ATTRIBUTE, TALLY, lazy_blocks
+from hf_subprune.pipeline.widths import site_costs
 
 from conftest import calibration_ids, outputs, tiny_config, tiny_model
 
@@ -201,9 +202,10 @@ def test_hub_id_from_the_cache_offline(folders, tmp_path, monkeypatch):
         folders["llama"]), probe))
 
 
-def test_a_per_layer_export_loads_by_name_and_refuses_a_second_prune(folders, tmp_path):
+def test_a_per_layer_export_loads_by_name_and_prunes_again(folders, tmp_path):
     """The default (per-layer) output: load_model reads it without asking for trust_remote_code (its modeling file
-    is hf_subprune's own), a tampered modeling file is not trusted, and pruning it again is refused clearly."""
+    is hf_subprune's own), a tampered modeling file is not trusted, and it prunes again from its own per-layer
+    widths, to a folder that reloads."""
     from hf_subprune.loading import load_model
 
     out = prune(str(folders["llama"]), input_ids=calibration_ids(8, 16), sparsity=0.3, progress=False).save(
@@ -212,8 +214,19 @@ def test_a_per_layer_export_loads_by_name_and_refuses_a_second_prune(folders, tm
     assert report["export"] == "heterogeneous"
     assert len({(w["mlp"], w["heads"], w["kv_heads"]) for w in report["widths"]}) > 1
     model, _, _ = load_model(str(out), need_tokenizer=False)
-    with pytest.raises(ValueError, match="pruned before with per-layer widths"):
-        prune(model, input_ids=calibration_ids(8, 16), sparsity=0.3, progress=False)
+    adapter = get_adapter(model.config)
+
+    def prunable():
+        return sum(c.mlp_params + c.attention_params for c in (site_costs(adapter, b) for b in find_blocks(model)[1]))
+
+    before = prunable()
+    again = prune(model, input_ids=calibration_ids(8, 16), sparsity=0.3, progress=False)
+    assert prunable() == pytest.approx(0.7 * before, abs=0.02 * before)  # 30% of what it had
+    assert again.widths_before["layers"] == report["widths"]  # it starts from what the first cut kept
+    assert all(w.mlp <= before["mlp"] and w.heads <= before["heads"]
+               for w, before in zip(again.widths, report["widths"]))
+    twice = again.save(tmp_path / "twice")  # the save's reload check compares outputs
+    assert json.loads((twice / "subprune_report.json").read_text())["widths_before"]["layers"] == report["widths"]
 
     (out / "modeling_subprune.py").write_text((out / "modeling_subprune.py").read_text() + "\n# changed\n")
     with pytest.raises(Exception):  # not ours any more: transformers asks for trust_remote_code

@@ -30,7 +30,7 @@ GQA_TYPES = ["llama", "mistral", "qwen2", "qwen3"]
 def _prunable(model) -> int:
     adapter = get_adapter(model.config)
     _, blocks = find_blocks(model)
-    return sum(c.mlp_params + c.attention_params for c in (site_costs(adapter, model.config, b) for b in blocks))
+    return sum(c.mlp_params + c.attention_params for c in (site_costs(adapter, b) for b in blocks))
 
 
 @pytest.mark.parametrize("model_type", ALL_TYPES)
@@ -48,7 +48,7 @@ def test_prune_save_reload_matches(model_type, tmp_path):
     # The parameter count lands on the budget, up to one unit of the coarsest site per block.
     removed = total_before - count_parameters(model)
     assert removed == result.params_before - result.params_after
-    costs = site_costs(adapter, model.config, blocks[0])
+    costs = site_costs(adapter, blocks[0])
     unit = max(costs.per_neuron, costs.per_query_head * (costs.heads // max(costs.kv_heads, 1)))
     assert abs(removed - 0.3 * prunable_before) <= unit * len(blocks)
 
@@ -143,10 +143,9 @@ def test_site_output_plus_declared_residual_is_the_next_stream(model_type):
     adapter, config = get_adapter(model.config), model.config
     prefix, blocks = find_blocks(model)
     block, inputs = blocks[0], capture_block_inputs(model, calibration_ids(4), 2, "cpu", "cpu")
-    heads, kv_heads = adapter.heads(config), adapter.kv_heads(config)
-    width = int(getattr(config, adapter.mlp.width_field) or 4 * config.hidden_size)
-    att = attention_site(adapter, config, "attention", heads, kv_heads, "kv_group")
-    mlp = mlp_site(adapter, "mlp", width, width)
+    costs = site_costs(adapter, block)
+    att = attention_site(adapter, costs, "attention", costs.heads, costs.kv_heads, "kv_group")
+    mlp = mlp_site(adapter, "mlp", costs.mlp_width, costs.mlp_width)
 
     def written(site, a, r):
         out = r + block.get_submodule(site.consumer)(a)
@@ -297,7 +296,7 @@ def test_overall_sparsity_on_encoders_applies_to_mlps_and_heads():
     model = tiny_model("bert")
     adapter = get_adapter(model.config)
     _, blocks = find_blocks(model)
-    costs = site_costs(adapter, model.config, blocks[0])
+    costs = site_costs(adapter, blocks[0])
     prunable = _prunable(model)
     result = prune(model, budget="uniform", input_ids=calibration_ids(), sparsity=0.25, progress=False)
     assert not any("MLPs only" in note for note in result.notes)

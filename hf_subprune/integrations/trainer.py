@@ -29,7 +29,6 @@ from ..calibration import pad_right
 from ..config import PruneConfig
 from ..files import REPORT_FILE
 from ..logs import get_logger
-from ..maths.methods import METHODS
 from ..outputs.card import write_card
 from ..outputs.export import _make_readable, check_reload, save_calibration_ids
 from ..outputs.heterogeneous import needs_heterogeneous, write_heterogeneous
@@ -104,14 +103,6 @@ def _check_schedule(schedule: Mapping[int, float] | None, config: PruneConfig) -
     if config.mlp_sparsity is not None or config.attention_sparsity is not None:
         raise ValueError("a schedule gives one overall sparsity per step: leave mlp_sparsity and attention_sparsity "
                          "unset in the config (or drop the schedule for one cut to the config's sparsities)")
-    if len(cuts) > 1:
-        if METHODS[config.method].scope == "global":
-            raise ValueError(f"method {config.method!r} chooses per-layer widths itself, which a later cut cannot "
-                             "start from: use a one-step schedule, or a method such as greedy")
-        if config.budget not in (None, "uniform"):
-            raise ValueError(f"budget {config.budget!r} gives per-layer widths, which a later cut of the schedule "
-                             "cannot start from: use budget='uniform' (the default for a schedule of several cuts) "
-                             "or a one-step schedule")
     return cuts
 
 
@@ -263,7 +254,7 @@ def _prunable(model: nn.Module) -> int:
     _, blocks = find_blocks(model)
     total = 0
     for block in blocks:
-        costs = site_costs(adapter, model.config, block)
+        costs = site_costs(adapter, block)
         total += costs.mlp_params + (costs.attention_params if adapter.attention is not None else 0)
     return total
 
@@ -368,9 +359,9 @@ class SubpruneCallback(TrainerCallback):
     current model's actual parameter count, so rounding does not accumulate.
 
     Budgets: one cut uses ``config.budget`` as given (by default prune()'s per-layer budget: fluctuation, global
-    from ``GLOBAL_FROM_SPARSITY``). A schedule of several cuts uses uniform widths for every cut: ``prune()`` starts
-    from one width per site type, so a model with per-layer widths could not be cut again; per-layer budgets there
-    are refused.
+    from ``GLOBAL_FROM_SPARSITY``). A schedule of several cuts uses ``config.budget`` at every cut, uniform widths
+    where it is None; a per-layer budget (or a method that chooses its own widths, such as flap) decides each cut's
+    widths afresh from the model as it is then, whose blocks differ after the first cut.
 
     Calibration: ``config.num_samples`` windows of ``config.seq_len`` tokens from the Trainer's own training data
     (``train_calibration``: the train dataloader's dataset and collate function, real tokens only), or any source
@@ -448,11 +439,6 @@ class SubpruneCallback(TrainerCallback):
 
     def _check_model(self, model: nn.Module) -> None:
         _refuse_adapters(model)
-        adapter = get_adapter(model.config)
-        if len(self.schedule) > 1 and adapter.attention is not None and not adapter.attention.stock_export:
-            raise ValueError(f"model_type {model.config.model_type!r}: its config cannot hold a pruned head count, so a "
-                             "later cut of a schedule cannot start from the first one's heads; use a one-step "
-                             "schedule")
 
     def _check_calibration(self, processing_class) -> None:
         if self.calibration is not None and not isinstance(self.calibration, torch.Tensor) and processing_class is None:
@@ -473,7 +459,7 @@ class SubpruneCallback(TrainerCallback):
         if sparsity is None:
             return dataclasses.replace(self.config, device=device, synthetic_samples=synthetic), None
         relative = 1 - (1 - sparsity) * self._prunable_original / _prunable(model)
-        budget = self.config.budget if len(self.schedule) == 1 else "uniform"
+        budget = self.config.budget if len(self.schedule) == 1 else self.config.budget or "uniform"
         cfg = PruneConfig.from_dict({**self.config.to_dict(), "sparsity": max(relative, 0.0), "budget": budget,
                                      "device": device, "synthetic_samples": synthetic})
         return cfg, relative

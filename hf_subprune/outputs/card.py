@@ -121,6 +121,20 @@ def _datasets(report: dict) -> list[str] | None:
     return [v for k, v in LOCAL_CALIBRATION.items() if k in source.lower()] or None
 
 
+def _span(values: list[int]) -> str:
+    return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+
+def _base_widths(before: dict) -> str:
+    """The widths the cut started from: one set, or the ranges of a model pruned before with per-layer widths."""
+    layers = before.get("layers") or [before]
+    text = f"MLP width {_span([w['mlp'] for w in layers])}"
+    if before.get("heads"):
+        text += (f", {_span([w['heads'] for w in layers])} attention heads "
+                 f"({_span([w['kv_heads'] for w in layers])} kv heads)")
+    return text + (" per layer (it was pruned before with per-layer widths)" if "layers" in before else "")
+
+
 def write_plots(folder: Path, report: dict) -> list[dict]:
     """Kept width per layer for each site type, and the greedy error curves, as PNGs next to the card.
 
@@ -135,7 +149,11 @@ def write_plots(folder: Path, report: dict) -> list[dict]:
     axes = fig.subplots(1, len(kinds), squeeze=False)
     for ax, (key, label) in zip(axes[0], kinds):
         ax.bar(range(len(widths)), [w[key] for w in widths], color="tab:blue")
-        ax.axhline(before[key], color="gray", linestyle="--", label="base")
+        if "layers" in before:  # pruned before: each layer's own base width
+            ax.step(range(len(widths)), [w[key] for w in before["layers"]], where="mid", color="gray",
+                    linestyle="--", label="base")
+        else:
+            ax.axhline(before[key], color="gray", linestyle="--", label="base")
         ax.set_xlabel("layer")
         ax.set_ylabel(f"kept {label}")
         ax.legend(loc="lower right")
@@ -201,7 +219,7 @@ def build_card(report: dict, plots: list[dict] | None = None, file_size: dict | 
         calibration=cal,
         parameters=report["parameters"],
         file_size=file_size,
-        before_widths=report["widths_before"],
+        base_widths=_base_widths(report["widths_before"]),
         uniform=report.get("uniform", True),
         layer_rows=_layer_rows(report),
         evaluation_rows=_evaluation_rows(evaluation),

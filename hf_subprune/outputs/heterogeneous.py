@@ -24,7 +24,7 @@ from torch import nn
 
 from ..adapters import Adapter, auto_class_for, get_adapter
 from ..pipeline.capture import find_blocks
-from ..pipeline.surgery import attention_widths
+from ..pipeline.widths import attention_widths
 
 __all__ = ["REMOTE_FILE", "HeterogeneousExport", "layer_widths", "config_widths", "per_layer_overrides",
            "needs_heterogeneous", "auto_map_for", "modeling_source", "write_heterogeneous"]

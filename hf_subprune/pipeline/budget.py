@@ -80,11 +80,11 @@ def curve_pass(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
     options: list[SiteOptions] = []
     for step in walk_blocks(model, inputs, device, cfg.offload_device, desc="error curves", show=show):
         block = step.block
-        costs = site_costs(adapter, model.config, block)
+        costs = site_costs(adapter, block)
         sites = [mlp_site(adapter, f"{step.name}.mlp", costs.mlp_width, costs.mlp_width)]
         if adapter.attention is not None:
-            sites.insert(0, attention_site(adapter, model.config, f"{step.name}.attention", costs.heads,
-                                           costs.kv_heads, cfg.attention_mode))
+            sites.insert(0, attention_site(adapter, costs, f"{step.name}.attention", costs.heads, costs.kv_heads,
+                                           cfg.attention_mode))
         for site in sites:
             stats = collect_statistics(site, adapter, block, block, inputs, step.hidden, layerwise, device, dtype,
                                        cfg.token_weights)
@@ -101,10 +101,10 @@ def curve_pass(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
                                                      costs.per_neuron, cfg.mlp_multiple, floor)
             else:
                 widths, params, errors = [], [], []
-                for heads, kv_heads in head_options(adapter, model.config, cfg.attention_mode):
+                for heads, kv_heads in head_options(adapter, model.config, costs, cfg.attention_mode):
                     error = 0.0
                     if heads < costs.heads:
-                        att = attention_site(adapter, model.config, site.name, heads, kv_heads, cfg.attention_mode)
+                        att = attention_site(adapter, costs, site.name, heads, kv_heads, cfg.attention_mode)
                         sel = greedy_select(stats, att.keep, groups=att.groups, partition=att.partition,
                                             per_class=att.per_class, **solve)
                         error = float(sel.curve[-1]) / max(per_token or sel.target_sq, 1e-30)
@@ -116,23 +116,42 @@ def curve_pass(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
 
 
 def _error_curve_widths(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConfig, device,
-                   show: bool) -> list[Widths]:
+                        show: bool) -> list[Widths]:
     _, blocks = find_blocks(model)
     options = curve_pass(model, adapter, inputs, cfg, device, show)
-    costs = site_costs(adapter, model.config, blocks[0])
+    costs = [site_costs(adapter, block) for block in blocks]
     # Never more than the uniform widths of the same sparsity keep, so that the two compare at equal size.
-    uniform = uniform_widths(adapter, model.config, blocks[0], cfg)
-    uniform_params = sum(uniform.mlp * costs.per_neuron if o.kind == "mlp" else
-                         uniform.heads * costs.per_query_head + uniform.kv_heads * costs.per_kv_head for o in options)
+    uniform = _uniform(model, adapter, blocks, cfg)
+    uniform_params = sum(uniform[o.block].mlp * costs[o.block].per_neuron if o.kind == "mlp" else
+                         uniform[o.block].heads * costs[o.block].per_query_head
+                         + uniform[o.block].kv_heads * costs[o.block].per_kv_head for o in options)
     total = sum(max(o.params) for o in options)
     picks = allocate(options, min(int((1 - cfg.sparsity) * total), uniform_params))
-    widths = widths_from_options(options, picks, len(blocks), Widths(costs.mlp_width, costs.heads, costs.kv_heads))
+    widths = widths_from_options(options, picks, [c.widths for c in costs])
     kept = sum(o.params[j] for o, j in zip(options, picks))
     widths[0].notes.append(f"global budget: kept widths remove {1 - kept / total:.2%} of the prunable parameters "
                            f"(asked {cfg.sparsity:.0%}, at most as many kept as uniform widths would), "
                            "allocated from the greedy error curves")
     if adapter.attention is None:
         widths[0].notes.append(f"sparsity applies to the MLPs only: {adapter.notes}")
+    return widths
+
+
+def _uniform(model: nn.Module, adapter: Adapter, blocks: nn.ModuleList, cfg: PruneConfig) -> list[Widths]:
+    """The uniform budget's widths: each block cut by the same fractions of what it has (one set of widths where
+    the blocks are alike; a model pruned before with per-layer widths keeps its shape). The notes are the first
+    block's."""
+    widths = [uniform_widths(adapter, model.config, blocks[0], cfg)]
+    first = site_costs(adapter, blocks[0])
+    differ = False
+    for block in blocks[1:]:
+        alike = site_costs(adapter, block) == first
+        differ |= not alike
+        widths.append(dataclasses.replace(widths[0] if alike else uniform_widths(adapter, model.config, block, cfg),
+                                          notes=[]))
+    if differ:
+        widths[0].notes.append("uniform budget on blocks of different widths (pruned before with per-layer widths): "
+                               "each block cut by the same fractions of its own widths; the note above is layer 0's")
     return widths
 
 
@@ -150,5 +169,4 @@ def plan_widths(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pr
             widths[0].notes.append("fluctuation budget: attention widths are whole kv groups (FLAP's units), so "
                                    "attention is pruned with attention_mode kv_group")
         return widths, cfg
-    uniform = uniform_widths(adapter, model.config, blocks[0], cfg)
-    return [uniform] + [dataclasses.replace(uniform, notes=[]) for _ in blocks[1:]], cfg
+    return _uniform(model, adapter, blocks, cfg), cfg

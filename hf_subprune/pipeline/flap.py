@@ -35,7 +35,7 @@ from .capture import BlockInputs, HookSet, find_blocks, run_block
 from .runner import SiteReport
 from .sites import Site, attention_site, mlp_site
 from .surgery import add_consumer_bias, apply_selection, lacks_consumer_bias
-from .widths import Widths, site_costs
+from .widths import SiteCosts, Widths, site_costs
 
 __all__ = ["MODEL_PASSES", "register_model_pass", "prune_flap", "flap_units", "fluctuation_widths"]
 
@@ -108,6 +108,7 @@ class _Units:
     unit_params: int
     mean: torch.Tensor  # dense-model mean of each consumer input column
     kept: torch.Tensor | None = None  # mask over units, after the allocation
+    heads_per_unit: int = 0  # attention: query heads in one unit (a kv group) of this block
 
     @property
     def cut(self) -> bool:
@@ -130,13 +131,12 @@ def _dense_pass(block: nn.Module, paths: list[str], inputs: BlockInputs, hidden:
     return out
 
 
-def _full_sites(adapter: Adapter, config, name: str, mlp_width: int) -> list[Site]:
+def _full_sites(adapter: Adapter, costs: SiteCosts, name: str) -> list[Site]:
     """The block's sites at full width. Attention units are whole kv groups (kv head and its query heads): FLAP
     scores heads of multi-head attention, and dropping query heads alone would break the even kv groups."""
-    sites = [mlp_site(adapter, f"{name}.mlp", mlp_width, mlp_width)]
+    sites = [mlp_site(adapter, f"{name}.mlp", costs.mlp_width, costs.mlp_width)]
     if adapter.attention is not None:
-        heads, kv_heads = adapter.heads(config), adapter.kv_heads(config)
-        sites.insert(0, attention_site(adapter, config, f"{name}.attention", heads, kv_heads, "kv_group"))
+        sites.insert(0, attention_site(adapter, costs, f"{name}.attention", costs.heads, costs.kv_heads, "kv_group"))
     return sites
 
 
@@ -145,14 +145,13 @@ def flap_units(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
                progress: bool = True) -> tuple[list[_Units], int, dict[int, float]]:
     """FLAP's statistics pass over the dense model and its global allocation (steps 1 to 3 of the module
     docstring): every site's units with the kept mask set. Returns ``(units, floored sites, seconds per block)``."""
-    config = model.config
     offload = torch.device(cfg.offload_device)
     units: list[_Units] = []
     seconds: dict[int, float] = {}
     for step in walk_blocks(model, inputs, device, offload, desc="FLAP statistics (dense model)", show=progress):
         start, i, block = time.perf_counter(), step.index, step.block
-        costs = site_costs(adapter, config, block)  # before any bias is added: the model's own parameters
-        sites = _full_sites(adapter, config, step.name, costs.mlp_width)
+        costs = site_costs(adapter, block)  # before any bias is added: the model's own parameters
+        sites = _full_sites(adapter, costs, step.name)
         weights = {s.consumer: adapter.weight(block.get_submodule(s.consumer)).detach() for s in sites}
         moments = {path: _Moments.zeros(w.shape[1], device) for path, w in weights.items()}
         step.outputs = _dense_pass(block, list(moments), inputs, step.hidden, device, offload,
@@ -164,7 +163,7 @@ def flap_units(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
             per_kv = costs.heads // max(costs.kv_heads, 1)
             params = per_kv * costs.per_query_head + costs.per_kv_head if attention else costs.per_neuron
             scores = flap_unit_scores(acc.variance, weights[s.consumer], GroupLayout(s.groups), squared=attention)
-            units.append(_Units(i, s, scores.cpu(), params, acc.mean.cpu()))
+            units.append(_Units(i, s, scores.cpu(), params, acc.mean.cpu(), heads_per_unit=per_kv if attention else 0))
         seconds[i] = time.perf_counter() - start
 
     # FLAP's order: every attention site, then every MLP site (it only decides ties).
@@ -177,13 +176,13 @@ def flap_units(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
     return units, allocation.floored, seconds
 
 
-def _widths(units: list[_Units], adapter: Adapter, config, num_blocks: int) -> list[Widths]:
+def _widths(units: list[_Units], num_blocks: int) -> list[Widths]:
     widths = []
     for i in range(num_blocks):
         att = next((u for u in units if u.block == i and u.site.kind == "attention"), None)
         mlp = next(u for u in units if u.block == i and u.site.kind == "mlp")
         groups = int(att.kept.sum()) if att is not None else 0
-        per_kv = adapter.heads(config) // adapter.kv_heads(config) if att is not None else 0
+        per_kv = att.heads_per_unit if att is not None else 0
         widths.append(Widths(int(mlp.kept.sum()), groups * per_kv, groups))
     return widths
 
@@ -195,7 +194,7 @@ def fluctuation_widths(model: nn.Module, adapter: Adapter, inputs: BlockInputs, 
     refits within them. Attention widths are whole kv groups (``attention_mode="kv_group"``)."""
     units, floored, _ = flap_units(model, adapter, inputs, cfg, device, progress)
     _, blocks = find_blocks(model)
-    widths = _widths(units, adapter, model.config, len(blocks))
+    widths = _widths(units, len(blocks))
     kept = _kept_note(units, cfg.sparsity).removeprefix("flap: ")
     widths[0].notes.append(f"fluctuation budget (FLAP's allocation on the dense model): {kept}"
                            + (f"; {floored} site(s) keep one unit rather than none" if floored else ""))
@@ -240,7 +239,7 @@ def prune_flap(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
         notes.append(f"flap: {spec.consumer} has no bias in {config.model_type!r}: set {spec.bias_field}=True, adding "
                      f"{consumer:,} bias parameters that carry the compensation and {others:,} zero biases on the "
                      "other projections the flag covers")
-    widths = _widths(units, adapter, config, len(blocks))
+    widths = _widths(units, len(blocks))
     widths[0].notes.extend(notes)
     return widths, reports
 

@@ -15,13 +15,13 @@ from ..config import PruneConfig
 from ..maths.methods import select
 from ..maths.selection import SiteStatistics, auto_shrinkage, reconstruction_error
 from .blocks import walk_blocks
-from .capture import BlockInputs, find_blocks
+from .capture import BlockInputs
 from .memory import release_freed_memory
 from .sites import Site, block_sites
 from .statistics import collect_statistics, dense_targets
 from .surgery import apply_selection
 from .variants import VARIANTS
-from .widths import Widths
+from .widths import Widths, site_costs
 
 __all__ = ["SiteReport", "prune_blocks", "shrinkage_for"]
 
@@ -104,8 +104,6 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
     """Prune every block in place to its widths (one ``Widths`` per block); one report per pruned site."""
     variant = VARIANTS[cfg.variant]
     dtype = getattr(torch, cfg.stats_dtype)
-    _, blocks = find_blocks(model)
-    mlp_width = adapter.weight(blocks[0].get_submodule(adapter.mlp.consumer)).shape[1]
     reports: list[SiteReport] = []
     correction = cfg.drift_correction or 0.0  # resolved by prune(); the config allows it on uncut-block targets only
     dense = list(inputs.hidden) if correction else None  # the dense model's stream, for the drift correction
@@ -113,8 +111,8 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
     for step in walk_blocks(model, inputs, device, cfg.offload_device, desc="pruning blocks", show=show,
                             modifies=True):
         block = step.block
-        sites = block_sites(adapter, model.config, step.name, widths[step.index], mlp_width, cfg.attention_mode,
-                             full_width=bool(cfg.refit_full_width) and cfg.refit)
+        sites = block_sites(adapter, site_costs(adapter, block), step.name, widths[step.index], cfg.attention_mode,
+                            full_width=bool(cfg.refit_full_width) and cfg.refit)
         if not cut_yet:  # before the first cut the stream is the dense one: a whole site has nothing to undo
             sites = sites[next((i for i, s in enumerate(sites) if not s.whole), len(sites)):]
             cut_yet = bool(sites)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters import Adapter
+from .widths import SiteCosts, Widths
 
 __all__ = ["Site", "block_sites", "attention_site", "mlp_site"]
 
@@ -71,9 +72,11 @@ def _producer_rows(parts: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Ten
     return rows
 
 
-def attention_site(adapter: Adapter, config, name: str, heads_kept: int, kv_heads_kept: int, mode: str) -> Site:
+def attention_site(adapter: Adapter, costs: SiteCosts, name: str, heads_kept: int, kv_heads_kept: int,
+                   mode: str) -> Site:
+    """The attention site of a block whose widths are ``costs`` (``widths.site_costs``), keeping ``heads_kept``."""
     spec = adapter.attention
-    heads, kv_heads, hd = adapter.heads(config), adapter.kv_heads(config), adapter.head_dim(config)
+    heads, kv_heads, hd = costs.heads, costs.kv_heads, costs.head_dim
     per_kv = heads // kv_heads
     if mode == "kv_group" or per_kv == 1:
         # One group = a kv head with all its query heads: their o columns are contiguous. With one query head
@@ -102,13 +105,13 @@ def mlp_site(adapter: Adapter, name: str, width: int, keep: int) -> Site:
                 producer_rows={p: neurons for p in spec.producers}, residual=spec.residual)
 
 
-def block_sites(adapter: Adapter, config, block_name: str, widths, mlp_width: int, mode: str,
+def block_sites(adapter: Adapter, costs: SiteCosts, block_name: str, widths: Widths, mode: str,
                 full_width: bool = False) -> list[Site]:
-    """The block's sites in forward order, skipping those left at full width (nothing to cut there) unless
-    ``full_width`` asks for their refit too."""
+    """The sites of a block whose widths are ``costs``, cut to ``widths``, in forward order, skipping those left
+    at full width (nothing to cut there) unless ``full_width`` asks for their refit too."""
     sites = []
-    if adapter.attention is not None and (full_width or widths.heads < adapter.heads(config)):
-        sites.append(attention_site(adapter, config, f"{block_name}.attention", widths.heads, widths.kv_heads, mode))
-    if full_width or widths.mlp < mlp_width:
-        sites.append(mlp_site(adapter, f"{block_name}.mlp", mlp_width, widths.mlp))
+    if adapter.attention is not None and (full_width or widths.heads < costs.heads):
+        sites.append(attention_site(adapter, costs, f"{block_name}.attention", widths.heads, widths.kv_heads, mode))
+    if full_width or widths.mlp < costs.mlp_width:
+        sites.append(mlp_site(adapter, f"{block_name}.mlp", costs.mlp_width, widths.mlp))
     return sites

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter
-from .widths import Widths
+from .widths import Widths, attention_widths
 
-__all__ = ["cut_rows", "set_consumer", "apply_selection", "attention_widths", "set_head_attributes", "update_config",
+__all__ = ["cut_rows", "set_consumer", "apply_selection", "set_head_attributes", "update_config",
            "lacks_consumer_bias", "add_consumer_bias", "ParameterCut", "record_cuts"]
 
 
@@ -112,19 +112,6 @@ def apply_selection(block: nn.Module, adapter: Adapter, site, kept_groups: list[
     set_consumer(block.get_submodule(site.consumer), weight, bias_shift, adapter.transposed, columns)
     if site.kind == "attention":
         set_head_attributes(block, adapter)
-
-
-def attention_widths(block: nn.Module, adapter: Adapter) -> tuple[int, int, int]:
-    """``(heads, kv_heads, head_dim)`` of one block, read from its weights: after a per-block budget the
-    config no longer says, and the export needs each block's own counts."""
-    spec = adapter.attention
-    head_dim = int(getattr(block.get_submodule(spec.module), spec.head_dim_attr))
-    heads = adapter.weight(block.get_submodule(spec.output)).shape[1] // head_dim
-    if spec.fused:  # rows [q; k; v]: heads + 2 kv_heads head-sized segments
-        kv_heads = (adapter.weight(block.get_submodule(spec.query)).shape[0] // head_dim - heads) // 2
-    else:
-        kv_heads = adapter.weight(block.get_submodule(spec.key)).shape[0] // head_dim
-    return heads, kv_heads, head_dim
 
 
 def set_head_attributes(block: nn.Module, adapter: Adapter) -> None:

@@ -1,4 +1,8 @@
-"""Widths: what each block keeps, what a unit of each site costs, and the uniform widths a stock config can express."""
+"""Widths: what each block keeps, what a unit of each site costs, and the uniform widths a stock config can express.
+
+Every count is read from the block's own weights, never from the config: a model pruned before with per-layer
+widths has blocks of different widths (and, loaded from its heterogeneous export, a config whose head counts are
+per layer), and each block is pruned from what it has."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from ..adapters import Adapter
 from ..config import PruneConfig
 from ..maths.allocation import SiteOptions
 
-__all__ = ["Widths", "SiteCosts", "site_costs", "uniform_widths", "head_options", "widths_from_options"]
+__all__ = ["Widths", "SiteCosts", "attention_widths", "site_costs", "uniform_widths", "head_options",
+           "widths_from_options"]
 
 
 @dataclass
@@ -33,6 +38,12 @@ class SiteCosts:
     kv_heads: int
     per_query_head: int
     per_kv_head: int  # k and v rows of one kv head
+    head_dim: int = 0
+
+    @property
+    def widths(self) -> Widths:
+        """The block's widths as they are."""
+        return Widths(self.mlp_width, self.heads, self.kv_heads)
 
     @property
     def mlp_params(self) -> int:
@@ -52,7 +63,21 @@ def _row_cost(module: nn.Module, adapter: Adapter) -> int:
     return w.shape[1] + (1 if getattr(module, "bias", None) is not None else 0)
 
 
-def site_costs(adapter: Adapter, config, block: nn.Module) -> SiteCosts:
+def attention_widths(block: nn.Module, adapter: Adapter) -> tuple[int, int, int]:
+    """``(heads, kv_heads, head_dim)`` of one block, read from its weights: after a per-block budget the
+    config no longer says, and the export needs each block's own counts."""
+    spec = adapter.attention
+    head_dim = int(getattr(block.get_submodule(spec.module), spec.head_dim_attr))
+    heads = adapter.weight(block.get_submodule(spec.output)).shape[1] // head_dim
+    if spec.fused:  # rows [q; k; v]: heads + 2 kv_heads head-sized segments
+        kv_heads = (adapter.weight(block.get_submodule(spec.query)).shape[0] // head_dim - heads) // 2
+    else:
+        kv_heads = adapter.weight(block.get_submodule(spec.key)).shape[0] // head_dim
+    return heads, kv_heads, head_dim
+
+
+def site_costs(adapter: Adapter, block: nn.Module) -> SiteCosts:
+    """The block's widths and unit costs, from its weights (module docstring)."""
     mlp = adapter.mlp
     consumer = block.get_submodule(mlp.consumer)
     width = adapter.weight(consumer).shape[1]
@@ -60,16 +85,17 @@ def site_costs(adapter: Adapter, config, block: nn.Module) -> SiteCosts:
     if adapter.attention is None:
         return SiteCosts(width, per_neuron, 0, 0, 0, 0)
     att = adapter.attention
-    hd = adapter.head_dim(config)
+    heads, kv_heads, hd = attention_widths(block, adapter)
     per_q = hd * _row_cost(block.get_submodule(att.query), adapter) + hd * adapter.weight(block.get_submodule(att.output)).shape[0]
     per_kv = hd * (_row_cost(block.get_submodule(att.key), adapter) + _row_cost(block.get_submodule(att.value), adapter))
-    return SiteCosts(width, per_neuron, adapter.heads(config), adapter.kv_heads(config), per_q, per_kv)
+    return SiteCosts(width, per_neuron, heads, kv_heads, per_q, per_kv, hd)
 
 
-def head_options(adapter: Adapter, config, mode: str) -> list[tuple[int, int]]:
-    """(heads, kv_heads) pairs the export can express: heads even per kv group, and for stock configs the
-    hidden size divisible by the head count (families without a stock route take any count)."""
-    heads, kv_heads = adapter.heads(config), adapter.kv_heads(config)
+def head_options(adapter: Adapter, config, costs: SiteCosts, mode: str) -> list[tuple[int, int]]:
+    """(heads, kv_heads) pairs up to the block's own (``costs``) that the export can express: heads even per kv
+    group, and for stock configs the hidden size divisible by the head count (families without a stock route take
+    any count)."""
+    heads, kv_heads = costs.heads, costs.kv_heads
     per_kv = heads // kv_heads
     if mode == "kv_group" or per_kv == 1:  # multi-head attention: both modes drop whole heads
         pairs = [(j * per_kv, j) for j in range(1, kv_heads + 1)]
@@ -87,7 +113,7 @@ def uniform_widths(adapter: Adapter, config, block: nn.Module, prune: PruneConfi
     count closest to the same fraction, and the MLP width absorbs the difference so that the total lands on
     the request. Explicit per-type sparsities are each rounded to the nearest valid width.
     """
-    costs = site_costs(adapter, config, block)
+    costs = site_costs(adapter, block)
     notes: list[str] = []
     heads, kv_heads = costs.heads, costs.kv_heads
     att_frac = prune.attention_sparsity
@@ -101,7 +127,7 @@ def uniform_widths(adapter: Adapter, config, block: nn.Module, prune: PruneConfi
     else:
         att_frac = prune.sparsity if att_frac is None else att_frac
         if att_frac:
-            options = head_options(adapter, config, prune.attention_mode)
+            options = head_options(adapter, config, costs, prune.attention_mode)
             target = costs.attention_params * (1 - att_frac)
             heads, kv_heads = min(options, key=lambda o: (abs(o[0] * costs.per_query_head + o[1] * costs.per_kv_head - target), -o[0]))
             if heads != round(costs.heads * (1 - att_frac)):
@@ -128,9 +154,9 @@ def uniform_widths(adapter: Adapter, config, block: nn.Module, prune: PruneConfi
     return widths
 
 
-def widths_from_options(options: list[SiteOptions], picks: list[int], num_blocks: int, full: Widths) -> list[Widths]:
-    """Per-block widths from the chosen options (sites without options stay at full width)."""
-    widths = [Widths(full.mlp, full.heads, full.kv_heads) for _ in range(num_blocks)]
+def widths_from_options(options: list[SiteOptions], picks: list[int], full: list[Widths]) -> list[Widths]:
+    """Per-block widths from the chosen options (sites without options keep the block's ``full`` widths)."""
+    widths = [Widths(f.mlp, f.heads, f.kv_heads) for f in full]
     for option, j in zip(options, picks):
         if option.kind == "mlp":
             widths[option.block].mlp = option.widths[j]
