@@ -227,6 +227,7 @@ def test_a_per_layer_export_loads_by_name_and_prunes_again(folders, tmp_path):
                for w, before in zip(again.widths, report["widths"]))
     twice = again.save(tmp_path / "twice")  # the save's reload check compares outputs
     assert json.loads((twice / "subprune_report.json").read_text())["widths_before"]["layers"] == report["widths"]
+    assert "per layer (it was pruned before with per-layer widths)" in (twice / "README.md").read_text()
 
     (out / "modeling_subprune.py").write_text((out / "modeling_subprune.py").read_text() + "\n# changed\n")
     with pytest.raises(Exception):  # not ours any more: transformers asks for trust_remote_code

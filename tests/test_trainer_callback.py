@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_subprune import PruneConfig, SubpruneCallback
@@ -67,6 +68,19 @@ def prunable(model) -> int:
 
 def losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def saved_and_reloaded(trainer, model: nn.Module, folder: Path, export: str) -> dict:
+    """Save through ``trainer.save_model``, check the export kind, reload with ``from_pretrained`` (remote code for
+    the heterogeneous export) and compare outputs with the trained model; returns the saved report."""
+    trainer.save_model(str(folder))
+    report = json.loads((folder / "subprune_report.json").read_text())
+    assert report["export"] == export
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=export == "heterogeneous")
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    model.eval()
+    torch.testing.assert_close(outputs(reloaded, ids), outputs(model, ids), rtol=1e-4, atol=1e-5)
+    return report
 
 
 def optimizer_matches_model(trainer) -> None:
@@ -137,9 +151,8 @@ def test_one_cut_at_step_0_then_saved_and_reloaded(tmp_path):
     optimizer_matches_model(trainer)
 
     out = tmp_path / "saved"
-    trainer.save_model(str(out))
-    report = json.loads((out / "subprune_report.json").read_text())
-    assert report["export"] == "heterogeneous" and report["reload_check"]["relative_max_difference"] < 1e-4
+    report = saved_and_reloaded(trainer, model, out, "heterogeneous")
+    assert report["reload_check"]["relative_max_difference"] < 1e-4
     assert report["training"]["cuts"][0]["step"] == 0 and report["training"]["global_step"] == 6
     assert "pruned during training" in (out / "README.md").read_text()
     assert (out / "subprune_config.json").exists()
@@ -147,10 +160,6 @@ def test_one_cut_at_step_0_then_saved_and_reloaded(tmp_path):
 
     saved_ids = load_calibration_ids(out)  # recover(out, "calibration") trains on them
     assert saved_ids is not None and saved_ids.shape[0] > 0
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
-    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
-    model.eval()
-    torch.testing.assert_close(outputs(reloaded, ids), outputs(model, ids), rtol=1e-4, atol=1e-5)
 
 
 def test_schedule_with_accumulation_slices_the_optimizer_state(tmp_path):
@@ -176,18 +185,11 @@ def test_schedule_with_accumulation_slices_the_optimizer_state(tmp_path):
     optimizer_matches_model(trainer)
     assert trainer.lr_scheduler.optimizer is trainer.optimizer  # the same object: the schedule goes on
 
-    out = tmp_path / "saved"
-    trainer.save_model(str(out))
-    report = json.loads((out / "subprune_report.json").read_text())
-    assert report["export"] == "stock"
+    report = saved_and_reloaded(trainer, model, tmp_path / "saved", "stock")
     assert report["training"]["schedule"] == [{"step": 2, "sparsity": 0.2}, {"step": 4, "sparsity": 0.45}]
     assert [c["step"] for c in report["training"]["cuts"]] == [2, 4]
     assert report["training"]["gradient_accumulation_steps"] == 2
     assert report["config"]["sparsity"] == 0.45
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
-    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
-    model.eval()
-    torch.testing.assert_close(outputs(reloaded, ids), outputs(model, ids), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family, settings", [("llama", {"budget": "global"}), ("llama", {"method": "flap"}),
@@ -209,14 +211,8 @@ def test_schedule_cuts_again_from_per_layer_widths(tmp_path, family, settings):
     assert 1 - prunable(model) / total == pytest.approx(0.45, abs=0.05)
     assert all(torch.isfinite(torch.tensor(losses(trainer))))
     optimizer_matches_model(trainer)
-    out = tmp_path / "saved"
-    trainer.save_model(str(out))
-    report = json.loads((out / "subprune_report.json").read_text())
-    assert report["export"] == "heterogeneous" and report["reload_check"]["relative_max_difference"] < 1e-4
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
-    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
-    model.eval()
-    torch.testing.assert_close(outputs(reloaded, ids), outputs(model, ids), rtol=1e-4, atol=1e-5)
+    report = saved_and_reloaded(trainer, model, tmp_path / "saved", "heterogeneous")
+    assert report["reload_check"]["relative_max_difference"] < 1e-4
 
 
 @pytest.mark.parametrize("family, settings", [("gpt2", {}), ("llama", {"method": "flap"})])
