@@ -147,7 +147,8 @@ class Task:
         return RecoveryConfig(full=row.how != "lora", max_steps=self.args.steps, lr=self.args.lr,
                               batch_size=self.args.batch_size, warmup=self.args.warmup, lora_r=self.args.lora_r,
                               distill=bool(row.distill),
-                              distill_weight=weight, distill_hidden=row.hidden, bf16=self.args.bf16, seed=0)
+                              distill_weight=weight, distill_hidden=row.hidden, bf16=self.args.bf16,
+                              seed=self.args.train_seed)
 
     def train(self, model, row: Row, callbacks=None) -> tuple:
         blocks = self.calibration if row.data == "calibration" else self.more
@@ -220,10 +221,10 @@ def _table(records: list[dict], args) -> str:
              f"{args.lr or 'recover() default at the time of the run'} (the lr column)"
              + (f" after a linear warmup over {args.warmup:.0%} of the steps" if args.warmup else "")
              + f", LoRA r = {args.lora_r} "
-             "on every linear layer (merged), linear decay, seed 0. Distillation: KL from the dense model, "
-             "temperature 1 (alone, its x dense-FT reference is the dense model, which distilling from itself leaves "
-             "in place); \"+ hidden states\" adds the relative squared error of every block's output against the "
-             "dense model's (weight 1).",
+             f"on every linear layer (merged), linear decay, seed {args.train_seed}. Distillation: KL from the dense "
+             "model, temperature 1 (alone, its x dense-FT reference is the dense model, which distilling from itself "
+             "leaves in place); \"+ hidden states\" adds the relative squared error of every block's output against "
+             "the dense model's (weight 1).",
              f"Perplexity: WikiText-2 test, first {tokens} tokens; held-out built-in text, {heldout} tokens; "
              f"non-overlapping windows of {args.eval_window}."
              + (" Mixed precision: every fine-tune and every perplexity under bfloat16 autocast (`--bf16`); "
@@ -268,6 +269,9 @@ def main() -> None:
     parser.add_argument("--budget", default=None, choices=BUDGETS,
                         help=f"width allocation of the one-shot rows (default: prune()'s, {_DEFAULT_BUDGET})"
                         .replace("%", "%%"))
+    parser.add_argument("--train-seed", type=int, default=0,
+                        help="seed of every fine-tune (data order, LoRA init), and so of what a gradual run's later "
+                        "cuts keep; the calibration and the one-shot cut keep seed 0 (default: 0)")
     parser.add_argument("--gradual-cuts", type=int, default=3,
                         help="cuts of the gradual rows, spread over the first half of the steps (default: 3)")
     parser.add_argument("--rows", default="all", help="'all', or labels separated by ';' (dense rows always run)")
