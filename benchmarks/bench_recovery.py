@@ -15,8 +15,9 @@ row (``hf_subprune.integrations.recovery.finetune``: a stock Trainer, LoRA merge
   matched to the dense model's);
 - gradual pruning in one Trainer run (``SubpruneCallback``: --gradual-cuts cuts up to the sparsity by half the
   steps, full fine-tune throughout, same steps and data), on the LM loss and on distillation. Every cut uses
-  --budget (the callback's default for a schedule, uniform widths, where it is not given), decided afresh from the
-  model as it is at that step. These rows are skipped, with a message, where the callback is unavailable.
+  --budget (where it is not given, the callback's default for a schedule: global from 30%, else uniform widths),
+  decided afresh from the model as it is at that step. These rows are skipped, with a message, where the callback
+  is unavailable.
 
 Perplexity on the first --eval-tokens tokens of WikiText-2 test and on the built-in held-out text (Python's pydoc
 topics: the half the CLI's demo does not calibrate on), in non-overlapping windows of --eval-window tokens. Time and
@@ -175,12 +176,12 @@ def _gradual(task: Task, sparsity: float, row: Row):
         print(f"skipping the gradual row: SubpruneCallback is not available ({e})", flush=True)
         return None
     args = task.args
-    budget = args.budget or "uniform"
-    config = PruneConfig(sparsity=sparsity, num_samples=args.num_samples, seq_len=args.seq_len, budget=budget)
+    config = PruneConfig(sparsity=sparsity, num_samples=args.num_samples, seq_len=args.seq_len, budget=args.budget)
     callback = SubpruneCallback(config, schedule=_schedule(sparsity, args.steps, args.gradual_cuts),
                                 calibration=task.calibration)
     model, stats = task.train(copy.deepcopy(task.model), row, callbacks=[callback])
-    return model, {**stats, "schedule": {str(k): v for k, v in callback.schedule}, "budget": budget}
+    return model, {**stats, "schedule": {str(k): v for k, v in callback.schedule},
+                   "budget": callback.cuts[-1].result.config.budget}
 
 
 _DEFAULT_BUDGET = f"fluctuation below {GLOBAL_FROM_SPARSITY:.0%}, global from {GLOBAL_FROM_SPARSITY:.0%}"
@@ -230,8 +231,9 @@ def _table(records: list[dict], args) -> str:
              + (" Mixed precision: every fine-tune and every perplexity under bfloat16 autocast (`--bf16`); "
                 "the pruning itself in float32." if args.bf16 else ""),
              "Gradual: SubpruneCallback in one Trainer run (full fine-tune, "
-             f"{_BUDGETS[args.budget] if args.budget else 'uniform widths'} at every cut, cuts at the steps shown in "
-             "the jsonl), same steps and data as the other rows.", "",
+             f"{_BUDGETS[args.budget] if args.budget else 'the callback default: global from 30%, else uniform'} at "
+             "every cut (the jsonl's budget), cuts at the steps shown in the jsonl), same steps and data as the other "
+             "rows.", "",
              "| row | sparsity | parameters | " + " | ".join(title for _, title in METRICS)
              + " | x dense-FT | lr | steps | tokens | train s | peak RSS GiB |",
              "| --- | --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- | --- | --- | --- | --- | --- |"]

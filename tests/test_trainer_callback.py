@@ -169,7 +169,8 @@ def test_schedule_with_accumulation_slices_the_optimizer_state(tmp_path):
     model = tiny_model("llama")
     total = prunable(model)
     before, after = BeforeCut(4), AfterCut(4)
-    callback = SubpruneCallback(PruneConfig(sparsity=0.5, num_samples=8, seq_len=16), schedule={2: 0.2, 4: 0.45})
+    callback = SubpruneCallback(PruneConfig(sparsity=0.5, num_samples=8, seq_len=16, budget="uniform"),
+                                schedule={2: 0.2, 4: 0.45})
     trainer = make_trainer(tmp_path, model, [before, callback, after], steps=6, accumulation=2)
     trainer.train()
     assert [c.step for c in callback.cuts] == [2, 4]
@@ -213,6 +214,16 @@ def test_schedule_cuts_again_from_per_layer_widths(tmp_path, family, settings):
     optimizer_matches_model(trainer)
     report = saved_and_reloaded(trainer, model, tmp_path / "saved", "heterogeneous")
     assert report["reload_check"]["relative_max_difference"] < 1e-4
+
+
+@pytest.mark.parametrize("final, budget", [(0.25, "uniform"), (0.3, "global")])
+def test_a_schedules_default_budget_follows_its_final_sparsity(tmp_path, final, budget):
+    """Without a budget in the config, every cut of a schedule takes the global budget where prune()'s default for
+    the final sparsity is global (causal LMs from 30% on), uniform widths below."""
+    callback = SubpruneCallback(PruneConfig(sparsity=final, num_samples=8, seq_len=16),
+                                schedule={0: final / 2, 2: final})
+    make_trainer(tmp_path, tiny_model("llama"), [callback], steps=3).train()
+    assert [c.result.config.budget for c in callback.cuts] == [budget, budget]
 
 
 @pytest.mark.parametrize("family, settings", [("gpt2", {}), ("llama", {"method": "flap"})])
