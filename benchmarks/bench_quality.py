@@ -232,7 +232,7 @@ def main() -> None:
                     "sparsity": sparsity,
                     "quality": task.quality(model), "params": result.params_after, "seconds": seconds,
                     "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                    "widths": [{"mlp": w.mlp, "heads": w.heads, "kv_heads": w.kv_heads} for w in result.widths],
+                    "widths": [w.counts() for w in result.widths],
                     "mean_relative_error": sum(s.relative_error for s in result.sites) / max(len(result.sites), 1)})
             del model, result
     table = _table(task, records, args)

@@ -80,7 +80,7 @@ class PruneResult:
             "config": self.config.to_dict(),
             "auto_class": auto_class_for(self.model).__name__,
             "widths_before": self.widths_before,
-            "widths": [{"mlp": w.mlp, "heads": w.heads, "kv_heads": w.kv_heads} for w in self.widths],
+            "widths": [w.counts() for w in self.widths],
             "uniform": self.uniform,
             "notes": self.notes,
             "parameters": {"before": self.params_before, "after": self.params_after,
@@ -229,11 +229,10 @@ def _add_synthetic(model: nn.Module, input_ids: torch.Tensor, config: PruneConfi
 def _widths_before(adapter, blocks: nn.ModuleList) -> dict:
     """The widths the model has before the cut, for the report and the card: the largest of each site type, and,
     where the blocks differ (pruned before with per-layer widths), every block's under ``layers``."""
-    layers = [site_costs(adapter, block).widths for block in blocks]
-    widths = {"mlp": max(w.mlp for w in layers), "heads": max(w.heads for w in layers),
-              "kv_heads": max(w.kv_heads for w in layers)}
-    if len({(w.mlp, w.heads, w.kv_heads) for w in layers}) > 1:
-        widths["layers"] = [{"mlp": w.mlp, "heads": w.heads, "kv_heads": w.kv_heads} for w in layers]
+    layers = [site_costs(adapter, block).widths.counts() for block in blocks]
+    widths = {key: max(layer[key] for layer in layers) for key in layers[0]}
+    if any(layer != layers[0] for layer in layers):
+        widths["layers"] = layers
     return widths
 
 

@@ -74,8 +74,7 @@ class CutRecord:
         return {"step": self.step, "sparsity": self.sparsity, "relative_sparsity": self.relative_sparsity,
                 "parameters": {"before": self.params_before, "after": self.params_after},
                 "prunable_parameters": {"before": self.prunable_before, "after": self.prunable_after},
-                "budget": r.config.budget, "widths": [{"mlp": w.mlp, "heads": w.heads, "kv_heads": w.kv_heads}
-                                                      for w in r.widths],
+                "budget": r.config.budget, "widths": [w.counts() for w in r.widths],
                 "calibration": r.calibration, "notes": r.notes, "seconds": self.seconds,
                 "optimizer_state": self.optimizer_state}
 
@@ -461,7 +460,7 @@ class SubpruneCallback(TrainerCallback):
         if sparsity is None:
             return dataclasses.replace(self.config, device=device, synthetic_samples=synthetic), None
         relative = 1 - (1 - sparsity) * self._prunable_original / _prunable(model)
-        budget = self.config.budget if len(self.schedule) == 1 else self.config.budget or self._schedule_budget(model)
+        budget = self.config.budget or (self._schedule_budget(model) if len(self.schedule) > 1 else None)
         cfg = PruneConfig.from_dict({**self.config.to_dict(), "sparsity": max(relative, 0.0), "budget": budget,
                                      "device": device, "synthetic_samples": synthetic})
         return cfg, relative

@@ -141,15 +141,11 @@ def _uniform(model: nn.Module, adapter: Adapter, blocks: nn.ModuleList, cfg: Pru
     """The uniform budget's widths: each block cut by the same fractions of what it has (one set of widths where
     the blocks are alike; a model pruned before with per-layer widths keeps its shape). The notes are the first
     block's."""
+    costs = [site_costs(adapter, block) for block in blocks]
     widths = [uniform_widths(adapter, model.config, blocks[0], cfg)]
-    first = site_costs(adapter, blocks[0])
-    differ = False
-    for block in blocks[1:]:
-        alike = site_costs(adapter, block) == first
-        differ |= not alike
-        widths.append(dataclasses.replace(widths[0] if alike else uniform_widths(adapter, model.config, block, cfg),
-                                          notes=[]))
-    if differ:
+    widths += [dataclasses.replace(widths[0] if c == costs[0] else uniform_widths(adapter, model.config, block, cfg),
+                                   notes=[]) for c, block in zip(costs[1:], blocks[1:])]
+    if any(c != costs[0] for c in costs):
         widths[0].notes.append("uniform budget on blocks of different widths (pruned before with per-layer widths): "
                                "each block cut by the same fractions of its own widths; the note above is layer 0's")
     return widths

@@ -27,6 +27,10 @@ class Widths:
     kv_heads: int
     notes: list[str] = field(default_factory=list)
 
+    def counts(self) -> dict[str, int]:
+        """The widths as the report and the card store them."""
+        return {"mlp": self.mlp, "heads": self.heads, "kv_heads": self.kv_heads}
+
 
 @dataclass(frozen=True)
 class SiteCosts:
