@@ -74,6 +74,10 @@ METHODS: dict[str, dict] = {
     "default + LoRA recovery": {"recover": RECOVERY},
     "flap + LoRA recovery": {"method": "flap", "recover": RECOVERY},
 }
+# Their picks read no calibration data (magnitude: the weights; random: the seed), so a run at one n serves every n
+# with the same seed: it is recorded again at the others, marked "same_run_as" with the n it ran at
+# (tests/test_published_baselines.py::test_data_free_methods_ignore_the_calibration checks the premise).
+DATA_FREE = ("magnitude", "random")
 # Run unless --methods says otherwise. "default, no synthetic" differs from the default only at n < 16 (the default
 # writes 8 sequences for calibrations of fewer than 8192 tokens): ask for it where wanted, and for the recovery rows
 # too (each adds a fine-tune). The two budgets each repeat the default on one side of 30%: the other is the comparison.
@@ -162,6 +166,8 @@ def table(records: list[dict]) -> str:
              "then "
              "fine-tuned on the same n sequences "
              f"({RECOVERY['max_steps']} steps of {RECOVERY['batch_size']}, recover()'s LoRA defaults, LM loss). "
+             f"{' and '.join(DATA_FREE)} read no calibration data: their run at one n, per seed, stands at every "
+             "n (\"same_run_as\" in the jsonl). "
              "Last rows of each table: how much higher a peer's perplexity is than ours (geometric means; the goal "
              "is >= +10% at n <= 8).", ""]
     dense = {(r["calibration"], t): q for r in records if r["method"] == "dense" for t, q in r["quality"].items()}
@@ -316,6 +322,11 @@ def main() -> None:
                 ids = token_blocks(cal_texts, tokenizer, n, args.seq_len, seed=seed)
                 for name, settings in methods.items():
                     if (args.calibration, name, sparsity, n, seed) in done:
+                        continue
+                    ran = next((r for r in records if name in DATA_FREE and "same_run_as" not in r
+                                and _key(r)[:3] == (args.calibration, name, sparsity) and r["seed"] == seed), None)
+                    if ran is not None:
+                        record({**ran, "n": n, "same_run_as": {"n": ran["n"]}})
                         continue
                     pruned = copy.deepcopy(model)
                     recovery = settings.get("recover")

@@ -364,6 +364,20 @@ def test_random_is_seeded_reproducible_and_keeps_the_widths():
     assert kept[0][0] != kept[1][0]
 
 
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_data_free_methods_ignore_the_calibration(method):
+    """magnitude and random read no calibration data: two calibrations of different sizes and tokens give the same
+    pruned weights (bench_data_efficiency runs them once per seed and draws that run at every n)."""
+    states = []
+    for ids in (calibration_ids(n=4, seed=1), calibration_ids(n=12, seed=2)):
+        model = tiny_model("llama")
+        prune(model, input_ids=ids, sparsity=0.4, method=method, seed=0, progress=False)
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
 def test_flap_allocation_weights_units_and_keeps_one_unit_per_site():
     """Two sites: 4 heavy units (weight 3) and 6 light ones (weight 1), total 18. In score order the cumulative
     weight runs 3, 4, 5, 6, 7, 8, 9, ...: it meets 50% (9) at the seventh unit (score -0.5), the threshold; the units

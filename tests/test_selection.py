@@ -134,12 +134,16 @@ def assert_curve_close(curve: torch.Tensor, ref: torch.Tensor, target_sq: float,
 SHAPES = [(1, 20, 12), (8, 64, 5)]
 
 
-@pytest.fixture(params=[64, 2], ids=["block64", "block2"])
+@pytest.fixture(params=[(64, selection.GREEDY_COMPACT), (2, selection.GREEDY_COMPACT), (2, 3)],
+                ids=["block64", "block2", "block2-compact3"])
 def greedy_block(request, monkeypatch):
-    """The single-column greedy's block size: the default, and one small enough that the tests' problems cross
-    several block updates (and the rows moved out of play between them)."""
-    monkeypatch.setattr(selection, "GREEDY_BLOCK", request.param)
-    return request.param
+    """The single-column greedy's block size and compaction: the defaults; blocks small enough that the tests'
+    problems cross several block updates (picks moved out of the updates after every block); and picks carried
+    in the updates for a few blocks before they are moved out."""
+    block, compact = request.param
+    monkeypatch.setattr(selection, "GREEDY_BLOCK", block)
+    monkeypatch.setattr(selection, "GREEDY_COMPACT", compact)
+    return block
 
 
 @pytest.mark.parametrize("dtype", [None, F64], ids=["auto", "float64"])

@@ -550,6 +550,10 @@ float32 resolves them only to ~1e-7 of the largest."""
 GREEDY_BLOCK = 64
 """Single-column greedy steps between two block updates of its residual matrices (see ``_greedy_neurons``)."""
 
+GREEDY_COMPACT = 16
+"""The single-column greedy moves its picks out of the block updates once they are this fraction (1 / n) of the
+rows and columns updated: moving them costs strided column copies, carrying them costs wasted products."""
+
 
 class _Picker:
     """Which group a greedy step takes: among the live candidates whose gain is within ``rtol`` (relative)
@@ -614,14 +618,15 @@ def _greedy_neurons(gram_into: Callable[[torch.Tensor], object], cross, lam: tor
     residual variances (``-q^2``) and ``||C_r[i]||^2`` (``-q (2 C_r u - q ||u||^2)``), so a step reads two
     rows instead of C (d x m) and F (d x s). Rows are read as of the last block update and brought up to date
     by the (at most ``GREEDY_BLOCK``) picks since, whose ``q`` and ``C_r u`` are kept; every block ends with
-    one rank-block update of the rows still in play (matrix products). Steps make no host sync; a block
-    makes one, to move the picked rows out of play. ``gram_into`` writes the damped gram into the state, which
+    one rank-block update of the rows and columns still in play (matrix products; picks are moved out of
+    them once they are ``1 / GREEDY_COMPACT`` of them: at d = 5632 keeping 78%, a third fewer products than
+    updating whole rows, and 15% faster). Steps make no host sync; a block makes one, to track the picks. ``gram_into`` writes the damped gram into the state, which
     is then the only d x d copy of it.
     """
     d, m = cross.shape
     dtype, device = cross.dtype, cross.device
     own = own.clamp_min(0)  # undamped: a dead column stays dead under the ridge
-    rows = torch.empty(2, d, d, dtype=dtype, device=device)  # [G_r; H_r], rows permuted (``at``), columns not
+    rows = torch.empty(2, d, d, dtype=dtype, device=device)  # [G_r; H_r], rows and columns permuted (``at``)
     gram_into(rows[0])
     _symmetric_product(cross, out=rows[1])
     excess = own.clone()  # residual variance beyond the ridge: G_r[j, j] - lambda_j, without the cancellation
@@ -631,9 +636,9 @@ def _greedy_neurons(gram_into: Callable[[torch.Tensor], object], cross, lam: tor
     kept = torch.zeros(k, dtype=torch.long, device=device)
     gains = torch.zeros(k, dtype=dtype, device=device)
     live_picks = torch.zeros(k, dtype=torch.bool, device=device)
-    order = list(range(d))  # order[p]: the column whose row is at position p; the first ``active`` are in play
+    order = list(range(d))  # order[p]: the column at position p; the first ``span`` are kept up to date
     at = torch.arange(d, device=device)  # at[c]: the position of column c's row
-    active = d
+    span, dead = d, []  # ``dead``: positions in the span that were picked
     for start in range(0, k, GREEDY_BLOCK):
         b = min(GREEDY_BLOCK, k - start)
         recent = torch.zeros(2 * b, d, dtype=dtype, device=device)  # rows 2i, 2i+1: q and C_r u of pick i
@@ -647,7 +652,8 @@ def _greedy_neurons(gram_into: Callable[[torch.Tensor], object], cross, lam: tor
             jj = j.view(1)
             live_j = live.index_select(0, jj)
             scale = torch.where(live_j, resid.index_select(0, jj).rsqrt(), zero)  # 1 / p; 0 adds nothing
-            row = rows.index_select(1, at.index_select(0, jj)).view(2, d)
+            # The picked column's rows, back in column order (positions from ``span`` on are stale: picks).
+            row = rows.index_select(1, at.index_select(0, jj)).view(2, d).index_select(1, at)
             if i:
                 # G_r[j] -= sum_l q_l q_l[j];  H_r[j] -= sum_l q_l (c_l[j] - |u_l|^2 q_l[j]) + c_l q_l[j]
                 col = recent[: 2 * i].index_select(1, jj).view(i, 2)  # (q_l[j], c_l[j])
@@ -665,22 +671,27 @@ def _greedy_neurons(gram_into: Callable[[torch.Tensor], object], cross, lam: tor
             live_picks[step : step + 1] = live_j
         if start + b == k:
             break
-        # Move this block's picks out of play (a hole before the new end takes a row from after it) ...
-        positions = sorted(int(p) for p in at[kept[start : start + b]].tolist())
-        active -= b
-        holes = [p for p in positions if p < active]
-        movers = sorted(set(range(active, active + b)) - set(positions))
-        if holes:
-            rows[:, holes] = rows[:, movers]
-            for h, mv in zip(holes, movers):
-                order[h] = order[mv]
-            at[[order[h] for h in holes]] = torch.tensor(holes, device=device)
-        # ... and bring the rows in play up to date: G_r -= Q^T Q, H_r -= Q^T X + X^T Q, X = C - |u|^2 Q / 2.
-        q_b, c_b = recent[0::2], recent[1::2]
+        # Picks stay in the span the block updates cover (their rows and columns are never read again) until
+        # they make up ``1 / GREEDY_COMPACT`` of it; then every pick's position before the span's new end takes
+        # the row and column of a candidate from after it ...
+        dead += at[kept[start : start + b]].tolist()
+        if len(dead) * GREEDY_COMPACT >= span:
+            new_span = span - len(dead)
+            holes = sorted(p for p in dead if p < new_span)
+            movers = sorted(set(range(new_span, span)) - set(dead))
+            if holes:
+                rows[:, holes] = rows[:, movers]
+                rows[:, :new_span, holes] = rows[:, :new_span, movers]
+                for h, mv in zip(holes, movers):
+                    order[h] = order[mv]
+                at[[order[h] for h in holes]] = torch.tensor(holes, device=device)
+            span, dead = new_span, []
+        # ... and bring the span up to date: G_r -= Q^T Q, H_r -= Q^T X + X^T Q, X = C - |u|^2 Q / 2.
+        cols = torch.tensor(order[:span], device=device)
+        q_b, c_b = recent[0::2, cols], recent[1::2, cols]
         x_b = c_b - q_b * (usq[:, None] / 2)
-        cols = torch.tensor(order[:active], device=device)
-        rows[0, :active].addmm_(q_b[:, cols].T, q_b, alpha=-1)
-        rows[1, :active].addmm_(torch.cat([q_b, x_b])[:, cols].T, torch.cat([x_b, q_b]), alpha=-1)
+        rows[0, :span, :span].addmm_(q_b.T, q_b, alpha=-1)
+        rows[1, :span, :span].addmm_(torch.cat([q_b, x_b]).T, torch.cat([x_b, q_b]), alpha=-1)
     picked_dependent = torch.zeros(d, dtype=torch.bool, device=device).index_put_((kept,), ~live_picks)
     found_dependent = picked_dependent | (picker.available & (excess <= threshold))
     undecided = int((found_dependent & (own > 0)).sum())
