@@ -70,6 +70,23 @@ def _recipe_loader() -> type:
     return RecipeLoader
 
 
+# The default budget's thresholds (pipeline/budget.py applies them): here, where the help text can name them.
+MIN_ALLOCATION_TOKENS = 64
+"""Below this many calibration tokens the default budget is uniform: FLAP's allocation standardises per-channel
+variances, whose relative error is about sqrt(2 / tokens) (18% at 64), and follows the noise. MiniLM at 50%
+calibrated on 4 sentences (17-48 tokens) lost 25 points of accuracy with the allocation."""
+
+GLOBAL_FROM_SPARSITY = 0.3
+"""From this overall sparsity on, a causal LM's default budget is global rather than fluctuation. FLAP's allocation
+reads each channel's own energy and cannot see what a deep cut costs the blocks after it: at 50% it cut SmolLM2's
+first MLP to a fifth and its last to a tenth. SmolLM2 calibrated on 8 x 512 WikiText-2 tokens (seed 0), global
+against fluctuation, perplexity on WikiText-2 / pydoc / Python source / SST-2: 0.92x / 0.86x / 0.84x / 0.88x at
+30%, 0.81x / 0.66x / 0.68x / 0.76x at 35%; at 25% 0.99x / 1.05x / 1.06x / 0.97x, a tie; at 20% (n = 4, 8 and 32)
+1.01-1.07x on WikiText-2 and SST-2 and 1.13-1.33x on pydoc and Python source; at 50% (n = 4, seeds 0-2) 0.51-0.60x
+on WikiText-2 and 0.11-0.60x on the others (``benchmarks/results/budget_threshold_smollm2.md``,
+``data_efficiency_smollm2_65k.md``)."""
+
+
 def _help(text: str, default: Any = None, **kw) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": text}, **kw)
@@ -161,16 +178,18 @@ class PruneConfig:
         "query_quota",
     )
     budget: str | None = _help(
-        "fluctuation (the default for causal LMs with an overall `sparsity` below 30%): per-block widths from FLAP's "
-        "allocation (one pass over the dense model: each channel's input variance times its squared weights, "
-        "standardised per layer, one threshold over the whole model weighted by parameter count), then the method "
-        "chooses and refits within them; attention in whole kv groups (attention_mode kv_group). uniform: the same "
-        "widths in every block, so that the stock config describes the model (plain from_pretrained, any serving "
-        "stack). global: per-block widths minimising the summed reconstruction error under the same parameter count, "
-        "from each site's greedy error curve (slower: a full greedy per site). fluctuation and global are saved with "
-        "the heterogeneous export (trust_remote_code=True). None (default): for a causal LM with `sparsity` given and "
-        "at least 64 calibration tokens (fewer cannot tell the layers apart: their variance estimates are noise), "
-        "fluctuation below 30% and global from 30% on (measured on SmolLM2: fluctuation better at 20%, a tie at 25%, "
+        f"fluctuation (the default for causal LMs with an overall `sparsity` below {GLOBAL_FROM_SPARSITY:.0%}): "
+        "per-block widths from FLAP's allocation (one pass over the dense model: each channel's input variance "
+        "times its squared weights, standardised per layer, one threshold over the whole model weighted by "
+        "parameter count), then the method chooses and refits within them; attention in whole kv groups "
+        "(attention_mode kv_group). uniform: the same widths in every block, so that the stock config describes "
+        "the model (plain from_pretrained, any serving stack). global: per-block widths minimising the summed "
+        "reconstruction error under the same parameter count, from each site's greedy error curve (slower: a full "
+        "greedy per site). fluctuation and global are saved with the heterogeneous export (trust_remote_code=True). "
+        "None (default): for a causal LM with `sparsity` given and "
+        f"at least {MIN_ALLOCATION_TOKENS} calibration tokens (fewer cannot tell the layers apart: their variance "
+        f"estimates are noise), fluctuation below {GLOBAL_FROM_SPARSITY:.0%} and global from "
+        f"{GLOBAL_FROM_SPARSITY:.0%} on (measured on SmolLM2: fluctuation better at 20%, a tie at 25%, "
         "global better from 30% and far better at 50%); else uniform; uniform for encoders (measured better for a "
         "classifier).",
     )

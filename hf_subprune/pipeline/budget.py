@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter
-from ..config import PruneConfig
+from ..config import GLOBAL_FROM_SPARSITY, MIN_ALLOCATION_TOKENS, PruneConfig
 from ..maths.allocation import SiteOptions, allocate, mlp_options
 from ..maths.selection import greedy_select
 from .blocks import walk_blocks
@@ -27,21 +27,6 @@ from .variants import VARIANTS
 from .widths import Widths, head_options, site_costs, uniform_widths, widths_from_options
 
 __all__ = ["MIN_ALLOCATION_TOKENS", "GLOBAL_FROM_SPARSITY", "resolve_budget", "plan_widths", "curve_pass"]
-
-MIN_ALLOCATION_TOKENS = 64
-"""Below this many calibration tokens the default budget is uniform: FLAP's allocation standardises per-channel
-variances, whose relative error is about sqrt(2 / tokens) (18% at 64), and follows the noise. MiniLM at 50%
-calibrated on 4 sentences (17-48 tokens) lost 25 points of accuracy with the allocation."""
-
-GLOBAL_FROM_SPARSITY = 0.3
-"""From this overall sparsity on, a causal LM's default budget is global rather than fluctuation. FLAP's allocation
-reads each channel's own energy and cannot see what a deep cut costs the blocks after it: at 50% it cut SmolLM2's
-first MLP to a fifth and its last to a tenth. SmolLM2 calibrated on 8 x 512 WikiText-2 tokens (seed 0), global
-against fluctuation, perplexity on WikiText-2 / pydoc / Python source / SST-2: 0.92x / 0.86x / 0.84x / 0.88x at
-30%, 0.81x / 0.66x / 0.68x / 0.76x at 35%; at 25% 0.99x / 1.05x / 1.06x / 0.97x, a tie; at 20% (n = 4, 8 and 32)
-1.01-1.07x on WikiText-2 and SST-2 and 1.13-1.33x on pydoc and Python source; at 50% (n = 4, seeds 0-2) 0.51-0.60x
-on WikiText-2 and 0.11-0.60x on the others (``benchmarks/results/budget_threshold_smollm2.md``,
-``data_efficiency_smollm2_65k.md``)."""
 
 
 def resolve_budget(config: PruneConfig, tokens: int, causal_lm: bool = True) -> tuple[PruneConfig, list[str]]:
