@@ -6,6 +6,7 @@ import dataclasses
 import platform
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +21,7 @@ from .config import PruneConfig
 from .distributed import compute_device, process_state
 from .logs import get_logger
 from .maths.methods import METHODS, Method
+from .pipeline.blocks import forwards_on
 from .pipeline.budget import plan_widths, resolve_budget
 from .pipeline.capture import capture_block_inputs, find_blocks
 from .pipeline.flap import MODEL_PASSES
@@ -178,13 +180,15 @@ def _method_notes(method: Method, asked: PruneConfig) -> list[str]:
     return notes
 
 
-def _measure(evaluate: Evaluator | None, model: nn.Module) -> dict:
+def _measure(evaluate: Evaluator | None, model: nn.Module, device=None) -> dict:
+    """``evaluate(model)`` in eval mode; with ``device``, run there one block at a time (``forwards_on``)."""
     if evaluate is None:
         return {}
     was_training = model.training
     model.eval()
     try:
-        return dict(evaluate(model))
+        with forwards_on(model, device) if device is not None else nullcontext():
+            return dict(evaluate(model))
     finally:
         model.train(was_training)
 
@@ -337,7 +341,7 @@ def prune(
     device = compute_device(config.device)
     show = progress and rank == 0
     measured = time.perf_counter()
-    before = _measure(evaluate, model)
+    before = _measure(evaluate, model, device)
     start += time.perf_counter() - measured  # the time is the pruning's: no evaluation in it
     params_before = count_parameters(model)
     was_training = model.training
@@ -370,7 +374,7 @@ def prune(
                      "real_samples": real_samples, **synthetic},
         base_model=base_model or getattr(model.config, "_name_or_path", None) or None,
         license=license,
-        evaluation=_evaluation(before, _measure(evaluate, model)) if evaluate is not None else {},
+        evaluation=_evaluation(before, _measure(evaluate, model, device)) if evaluate is not None else {},
         input_ids=input_ids.cpu(),
         attention_mask=None if attention_mask is None else attention_mask.cpu(),
     )

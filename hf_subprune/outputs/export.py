@@ -12,12 +12,15 @@ import json
 import os
 import re
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from ..adapters import auto_class_for
+from ..distributed import compute_device
 from ..logs import get_logger
+from ..pipeline.blocks import forwards_on
 from ..pipeline.lazy import lazy_blocks, load_lazy
 from .card import write_card
 from ..files import CALIBRATION_FILE, REPORT_FILE
@@ -45,10 +48,11 @@ def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def check_reload(model, folder: Path, *, trust_remote_code: bool = False) -> float:
+def check_reload(model, folder: Path, *, trust_remote_code: bool = False, device=None) -> float:
     """Reload ``folder`` with plain transformers (with its modeling file when ``trust_remote_code``) and
     compare outputs with ``model``. A lazy model is compared with a lazy reload (the same classes from the saved
-    config, the weights streamed from the saved files): both run one block at a time.
+    config, the weights streamed from the saved files): both run one block at a time. With ``device``, both run
+    there (``forwards_on``: one block at a time on it).
 
     Returns the largest absolute difference relative to the largest output; raises ``ExportCheckError``
     when it passes float rounding of the model's dtype.
@@ -63,7 +67,11 @@ def check_reload(model, folder: Path, *, trust_remote_code: bool = False) -> flo
     model.eval()
     try:
         probe = _probe_inputs(model)
-        expected, got = _logits(model, probe), _logits(reloaded, probe)
+        logits = []
+        for m in (model, reloaded):
+            with forwards_on(m, device) if device is not None else nullcontext():
+                logits.append(_logits(m, probe))
+        expected, got = logits
     finally:
         model.train(was_training)
     if expected.shape != got.shape:
@@ -141,7 +149,8 @@ def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = Tr
         reload_check = None
         if check:
             reload_check = {
-                "relative_max_difference": check_reload(result.model, tmp, trust_remote_code=heterogeneous)}
+                "relative_max_difference": check_reload(result.model, tmp, trust_remote_code=heterogeneous,
+                                                        device=compute_device(result.config.device))}
         report = result.report(export="heterogeneous" if heterogeneous else "stock", reload_check=reload_check)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
         result.config.save_pretrained(tmp)

@@ -4,6 +4,7 @@ lazy model (``lazy.py``) it is also the only block in memory, the others wait on
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -11,10 +12,10 @@ import torch
 from torch import nn
 
 from ..logs import progress
-from .capture import BlockInputs, find_blocks, run_block
+from .capture import BlockInputs, find_blocks, move_outside, run_block
 from .lazy import lazy_blocks
 
-__all__ = ["BlockStep", "walk_blocks"]
+__all__ = ["BlockStep", "walk_blocks", "forwards_on"]
 
 
 @dataclass
@@ -69,3 +70,30 @@ def walk_blocks(model: nn.Module, inputs: BlockInputs, device, offload, *, desc:
                 source.release(i, blocks[i], store=modifies and done)
             else:
                 blocks[i].to(offload)
+
+
+@contextmanager
+def forwards_on(model: nn.Module, device) -> Iterator[None]:
+    """Plain forwards of ``model`` (an evaluation, the reload check) run on ``device`` one block at a time, as the
+    passes run: the tensors outside the blocks (embeddings, final norm, head) move to ``device`` for the duration,
+    and each block comes to ``device`` before its forward and goes back after (a lazy model's blocks already
+    materialise on their input's device). Where the model's first parameter already sits on ``device``, nothing
+    moves; on exit everything is where it was."""
+    device = torch.device(device)
+    home = next(model.parameters()).device
+    if home == device or home.type == "meta":
+        yield
+        return
+    prefix, blocks = find_blocks(model)
+    handles = []
+    if lazy_blocks(model) is None:
+        for block in blocks:
+            handles.append(block.register_forward_pre_hook(lambda module, args: module.to(device)))
+            handles.append(block.register_forward_hook(lambda module, args, out: module.to(home), always_call=True))
+    move_outside(model, prefix, device)
+    try:
+        yield
+    finally:
+        move_outside(model, prefix, home)
+        for h in handles:
+            h.remove()

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..logs import progress as progress_bar
 
-__all__ = ["StopForward", "HookSet", "find_blocks", "BlockInputs", "capture_block_inputs", "run_block"]
+__all__ = ["StopForward", "HookSet", "find_blocks", "BlockInputs", "capture_block_inputs", "move_outside", "run_block"]
 
 
 class StopForward(Exception):
@@ -83,7 +83,7 @@ class BlockInputs:
         return x if mask is None else x[mask.reshape(-1).to(x.device)]
 
 
-def _move_outside(model: nn.Module, blocks_prefix: str, device) -> None:
+def move_outside(model: nn.Module, blocks_prefix: str, device) -> None:
     """Move every parameter and buffer outside the blocks (embeddings, final norm, head)."""
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if not name.startswith(blocks_prefix + "."):
@@ -98,7 +98,7 @@ def capture_block_inputs(
     """Run the model on each batch up to block 0 and keep what block 0 receives (moved to ``offload``); with an
     ``attention_mask`` (1 = real token, 0 = padding) the model masks the padding and each batch keeps its mask."""
     prefix, blocks = find_blocks(model)
-    _move_outside(model, prefix, device)
+    move_outside(model, prefix, device)
     captured = BlockInputs([], [], [])
 
     def grab(module, args, kwargs):
@@ -123,7 +123,7 @@ def capture_block_inputs(
                 except StopForward:
                     pass
     finally:
-        _move_outside(model, prefix, offload)
+        move_outside(model, prefix, offload)
     return captured
 
 
