@@ -6,7 +6,6 @@ import dataclasses
 import platform
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -187,7 +186,7 @@ def _measure(evaluate: Evaluator | None, model: nn.Module, device=None) -> dict:
     was_training = model.training
     model.eval()
     try:
-        with forwards_on(model, device) if device is not None else nullcontext():
+        with forwards_on(model, device):
             return dict(evaluate(model))
     finally:
         model.train(was_training)

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -69,7 +68,7 @@ def check_reload(model, folder: Path, *, trust_remote_code: bool = False, device
         probe = _probe_inputs(model)
         logits = []
         for m in (model, reloaded):
-            with forwards_on(m, device) if device is not None else nullcontext():
+            with forwards_on(m, device):
                 logits.append(_logits(m, probe))
         expected, got = logits
     finally:

@@ -73,15 +73,14 @@ def walk_blocks(model: nn.Module, inputs: BlockInputs, device, offload, *, desc:
 
 
 @contextmanager
-def forwards_on(model: nn.Module, device) -> Iterator[None]:
+def forwards_on(model: nn.Module, device: torch.device | str | None) -> Iterator[None]:
     """Plain forwards of ``model`` (an evaluation, the reload check) run on ``device`` one block at a time, as the
     passes run: the tensors outside the blocks (embeddings, final norm, head) move to ``device`` for the duration,
     and each block comes to ``device`` before its forward and goes back after (a lazy model's blocks already
-    materialise on their input's device). Where the model's first parameter already sits on ``device``, nothing
-    moves; on exit everything is where it was."""
-    device = torch.device(device)
+    materialise on their input's device). Where ``device`` is None or the model's first parameter already sits
+    there, nothing moves; on exit everything is where it was."""
     home = next(model.parameters()).device
-    if home == device or home.type == "meta":
+    if device is None or home == torch.device(device) or home.type == "meta":
         yield
         return
     prefix, blocks = find_blocks(model)
