@@ -141,7 +141,8 @@ class PruneResult:
         from .outputs.shards import DEFAULT_MAX_SHARD_SIZE
 
         return save_pruned(self, Path(path), overwrite=overwrite, check=check,
-                           max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+                           max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+                           device=compute_device(self.config.device))
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, revision: str | None = None,
                     commit_message: str | None = None, token: str | None = None, create_pr: bool = False,

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from ..adapters import auto_class_for
-from ..distributed import compute_device
 from ..logs import get_logger
 from ..pipeline.blocks import forwards_on
 from ..pipeline.lazy import lazy_blocks, load_lazy
@@ -118,7 +117,7 @@ def check_output_folder(path: str | Path, overwrite: bool, source: str | Path | 
 
 
 def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = True,
-                max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+                max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, device=None) -> Path:
     """Write weights (safetensors), config, tokenizer, generation config, ``subprune_report.json``,
     ``subprune_config.json`` and a model card into ``path``, via a temporary folder that is renamed into place
     once the reload check passed. Files come out 0o644 and folders 0o755 (less the umask), whatever their
@@ -128,7 +127,8 @@ def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = Tr
     Widths that the stock config cannot express (they differ per block, or BERT/GPT-2 heads were pruned) are
     written as the heterogeneous export (``heterogeneous.py``): it loads with ``trust_remote_code=True``, and
     the reload check loads it that way. ``report["export"]`` says which one was written. Weights above
-    ``max_shard_size`` bytes are split into files of at most that size, listed by an index."""
+    ``max_shard_size`` bytes are split into files of at most that size, listed by an index. The reload check
+    runs on ``device`` (default: where the model is)."""
     path = Path(path)
     _clear_dead_saves(path)
     check_output_folder(path, overwrite, source=getattr(result, "base_model", None))
@@ -149,7 +149,7 @@ def save_pruned(result, path: Path, *, overwrite: bool = False, check: bool = Tr
         if check:
             reload_check = {
                 "relative_max_difference": check_reload(result.model, tmp, trust_remote_code=heterogeneous,
-                                                        device=compute_device(result.config.device))}
+                                                        device=device)}
         report = result.report(export="heterogeneous" if heterogeneous else "stock", reload_check=reload_check)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
         result.config.save_pretrained(tmp)
