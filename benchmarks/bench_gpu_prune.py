@@ -43,10 +43,10 @@ SHAPES = {
 SHARD_BYTES = 4 * 2**30
 
 
-def write_random_checkpoint(shape: str, folder: Path, seed: int = 0, device: str = "cpu") -> tuple[int, int]:
+def write_random_checkpoint(shape: str, folder: Path, seed: int = 0, device: str = "cpu") -> tuple[int, int, int]:
     """A LlamaForCausalLM of ``shape`` with random bfloat16 weights (normal, std 0.02; norms at 1), drawn on
     ``device`` (a GPU draws 8B numbers in seconds) and written as safetensors shards of at most ``SHARD_BYTES``
-    with their index, one shard in memory at a time; returns (parameters, bytes on disk)."""
+    with their index, one shard in memory at a time; returns (parameters, bytes on disk, bytes of one block)."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -84,13 +84,9 @@ def write_random_checkpoint(shape: str, folder: Path, seed: int = 0, device: str
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config.save_pretrained(folder)
-    return sum(s.numel() for s in shapes.values()), sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-
-
-def block_bytes(shape: str) -> int:
-    hidden, mlp, _, heads, kv, _ = SHAPES[shape]
-    head_dim = hidden // heads
-    return 2 * (3 * hidden * mlp + 2 * hidden * hidden + 2 * hidden * kv * head_dim + 2 * hidden)
+    block = sum(2 * s.numel() for name, s in shapes.items() if name.startswith("model.layers.0."))
+    return (sum(s.numel() for s in shapes.values()), sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+            block)
 
 
 def table(rows: list[dict]) -> str:
@@ -130,7 +126,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         folder, out = Path(tmp) / "model", Path(tmp) / "pruned"
         start = time.perf_counter()
-        params, on_disk = write_random_checkpoint(args.shape, folder, device=args.device)
+        params, on_disk, block = write_random_checkpoint(args.shape, folder, device=args.device)
         print(f"wrote {params:,} parameters ({on_disk / 2**30:.1f} GiB) in {time.perf_counter() - start:.0f} s",
               flush=True)
         vocab = SHAPES[args.shape][-1]
@@ -151,7 +147,7 @@ def main() -> None:
                "params_after": result.params_after, "num_samples": args.num_samples, "seq_len": args.seq_len,
                "sparsity": args.sparsity, "prune_seconds": prune_seconds, "save_seconds": save_seconds,
                "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-               "block_gib": block_bytes(args.shape) / 2**30,
+               "block_gib": block / 2**30,
                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                "reload_check": json.loads((out / "subprune_report.json").read_text()).get("reload_check")}
     args.results.mkdir(parents=True, exist_ok=True)
