@@ -17,7 +17,8 @@ from hf_subprune import prune
 from hf_subprune.adapters import auto_class_for, get_adapter
 from hf_subprune.checks import check_model
 from hf_subprune.loading import load_model
-from hf_subprune.pipeline.capture import find_blocks
+from hf_subprune.pipeline.blocks import walk_blocks
+from hf_subprune.pipeline.capture import capture_block_inputs, find_blocks
 from hf_subprune.pipeline.lazy import LAZY_ATTRIBUTE, TALLY, lazy_blocks
 from hf_subprune.pipeline.widths import site_costs
 
@@ -114,6 +115,30 @@ def test_lazy_prune_equals_the_in_memory_prune(folders, tmp_path, case):
     assert remote == (case != "llama-sharded-input-uniform")
     reloaded = auto_class_for(lazy.model).from_pretrained(out, trust_remote_code=remote)
     assert torch.equal(outputs(reloaded, probe), outputs(whole.model, probe))
+
+
+@pytest.mark.parametrize("folder", ["llama", "gpt2"])  # an untied head, and a head tied to the embeddings
+def test_the_embeddings_and_head_wait_on_disk_during_a_walk(folders, folder):
+    """A walk over the blocks never reads them, so a lazy model holds one block and no vocabulary matrix; they
+    come back after, equal and tied as before, also when the pass fails."""
+    model, _, _ = load_model(str(folders[folder]), lazy=True, need_tokenizer=False)
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not lazy_blocks(model).owns(n)}
+    tied = embeddings.weight is head.weight
+    inputs = capture_block_inputs(model, calibration_ids(2, 8), 2, "cpu", "cpu")
+    walked = 0
+    for step in walk_blocks(model, inputs, "cpu", "cpu", desc="test", show=False):
+        assert embeddings.weight.is_meta and head.weight.is_meta
+        assert not any(p.is_meta for p in step.block.parameters())
+        walked += 1
+    assert walked == len(find_blocks(model)[1])
+    with pytest.raises(RuntimeError, match="pass failed"):
+        for _ in walk_blocks(model, inputs, "cpu", "cpu", desc="test", show=False):
+            raise RuntimeError("pass failed")
+    after = {n: p for n, p in model.named_parameters() if not lazy_blocks(model).owns(n)}
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+    assert (embeddings.weight is head.weight) == tied
+    assert model.get_input_embeddings() is embeddings and tied == (folder == "gpt2")
 
 
 def test_the_work_folder_goes_with_the_model(folders):

@@ -44,9 +44,19 @@ def walk_blocks(model: nn.Module, inputs: BlockInputs, device, offload, *, desc:
     the stream on through ``step.through`` (or take ``step.outputs``) and send the block back to ``offload``.
 
     In a lazy model the block is materialised from disk instead, and released to the meta device after: a pass
-    that changes blocks says so (``modifies``), and each block it walked is stored for the next pass to read."""
-    prefix, blocks = find_blocks(model)
+    that changes blocks says so (``modifies``), and each block it walked is stored for the next pass to read. The
+    embeddings and the head wait on disk for the walk's duration (``BlockSource.vocabulary_released``)."""
     source = lazy_blocks(model)
+    if source is None:
+        yield from _walk(model, None, inputs, device, offload, desc, show, stop, modifies)
+        return
+    with source.vocabulary_released(model):  # the walk never reads them: one block is all a lazy model holds
+        yield from _walk(model, source, inputs, device, offload, desc, show, stop, modifies)
+
+
+def _walk(model: nn.Module, source, inputs: BlockInputs, device, offload, desc: str, show: bool, stop: int | None,
+          modifies: bool) -> Iterator[BlockStep]:
+    prefix, blocks = find_blocks(model)
     offload = torch.device(offload)
     hidden = inputs.hidden
     count = len(blocks) if stop is None else stop
