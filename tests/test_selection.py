@@ -547,6 +547,21 @@ def test_float32_matmul_precision_is_restored():
         torch.set_float32_matmul_precision(before)
 
 
+@pytest.mark.parametrize("precision", ["high", "medium"])  # TF32 on a GPU; bfloat16 products (a CPU with AMX too)
+def test_statistics_products_ignore_a_lowered_float32_matmul_precision(precision):
+    gen = torch.Generator().manual_seed(3)
+    b, y = torch.randn(300, 64, generator=gen), torch.randn(300, 24, generator=gen)
+    exact = SiteStatistics.from_activations(b, y, dtype=torch.float32)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        lowered = SiteStatistics.from_activations(b, y, dtype=torch.float32)
+        assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert all(torch.equal(x, z) for x, z in zip(exact.tensors(), lowered.tensors()))
+
+
 # --------------------------------------------------------------------------------------------------
 # Degenerate inputs
 # --------------------------------------------------------------------------------------------------

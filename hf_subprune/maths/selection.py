@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -57,6 +57,20 @@ def sub_matrix(matrix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor | No
     for lo in range(0, rows.numel(), STATISTICS_PANEL):
         out[lo : lo + STATISTICS_PANEL] = matrix.index_select(0, rows[lo : lo + STATISTICS_PANEL]).index_select(1, cols)
     return out
+
+
+@contextmanager
+def _exact_float32_matmul() -> Iterator[None]:
+    """Full-precision float32 products for the duration. A caller's ``torch.set_float32_matmul_precision("high")``
+    (TF32 on a GPU, a 10-bit mantissa) or ``"medium"`` (bfloat16 products, on a CPU with AMX too) would put
+    errors of 1e-3 of the largest entry into the statistics and the greedy's gains, which rank channels by
+    differences far smaller than that."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 @dataclass
@@ -129,10 +143,11 @@ class SiteStatistics:
         # panel multiplies only from its diagonal on (about half the products at GRAM_PANEL << d), and the lower
         # triangle, diagonal panels' included, is copied from the upper one: exactly symmetric, whatever the rounding.
         d = self.gram.shape[0]
-        for lo in range(0, d, STATISTICS_PANEL):
-            self.cross[lo : lo + STATISTICS_PANEL] += wb[:, lo : lo + STATISTICS_PANEL].T @ y
-        for lo in range(0, d, GRAM_PANEL):
-            self.gram[lo : lo + GRAM_PANEL, lo:] += wb[:, lo : lo + GRAM_PANEL].T @ b[:, lo:]
+        with _exact_float32_matmul():
+            for lo in range(0, d, STATISTICS_PANEL):
+                self.cross[lo : lo + STATISTICS_PANEL] += wb[:, lo : lo + STATISTICS_PANEL].T @ y
+            for lo in range(0, d, GRAM_PANEL):
+                self.gram[lo : lo + GRAM_PANEL, lo:] += wb[:, lo : lo + GRAM_PANEL].T @ b[:, lo:]
         for lo in range(0, d, GRAM_PANEL):
             self.gram[lo : lo + GRAM_PANEL, :lo] = self.gram[:lo, lo : lo + GRAM_PANEL].T
             diagonal = self.gram[lo : lo + GRAM_PANEL, lo : lo + GRAM_PANEL]
@@ -747,17 +762,6 @@ def _greedy_groups(gram, cross, own: torch.Tensor, k: int, r: int, picker: _Pick
     found_dependent = picked_dependent.to(device) | (picker.available & (excess <= threshold))
     undecided = int((found_dependent & (own > 0)).sum())
     return _Run(kept, gains, live_picks, undecided)
-
-
-@contextmanager
-def _exact_float32_matmul():
-    """Full-precision float32 products: TF32 (10-bit mantissa), if the caller enabled it, would swamp the gains."""
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(precision)
 
 
 def _greedy(prob: _Problem, layout: GroupLayout, k: int, partition, per_class, tie_rtol: float) -> _Run:
