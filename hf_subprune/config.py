@@ -208,7 +208,9 @@ class PruneConfig:
     seed: int = _help("Seed of every random choice (calibration windows, random baseline).", 0)
     device: str | None = _help("Device the current block runs on (default: cuda if available, else cpu).")
     offload_device: str = _help("Where blocks and hidden states wait when not being pruned.", "cpu")
-    stats_dtype: str = _help("Accumulator dtype of the statistics: float64 (exact) or float32 (less memory).", "float64")
+    stats_dtype: str = _help(
+        "Accumulator dtype of the statistics (their products are float32 on every device): float64, float32 (half "
+        "the memory) or auto (default: float32 on a GPU, where float64 runs slowly, float64 on the CPU).", "auto")
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -237,7 +239,7 @@ class PruneConfig:
             self._choice("budget", BUDGETS)
         self._choice("token_weights", TOKEN_WEIGHTS)
         self._choice("selection_error", SELECTION_ERRORS)
-        self._choice("stats_dtype", ("float64", "float32"))
+        self._choice("stats_dtype", ("auto", "float64", "float32"))
         for name in ("num_samples", "seq_len", "batch_size", "mlp_multiple"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}: give 1 or more")

@@ -37,9 +37,10 @@ def test_forwards_on_the_gpu_match_the_cpu_and_put_everything_back():
 def test_a_cut_on_the_gpu_gives_the_cpus_model():
     ids = calibration_ids(n=16, seq_len=32)
     pruned = {}
-    for device in ("cpu", "cuda"):
+    for device in ("cpu", "cuda"):  # statistics summed in float32 on both (on the GPU, the default)
         model = tiny_model("llama")
-        prune(model, input_ids=ids, sparsity=0.3, budget="uniform", device=device, progress=False)
+        prune(model, input_ids=ids, sparsity=0.3, budget="uniform", device=device, stats_dtype="float32",
+              progress=False)
         pruned[device] = model
     assert {p.device.type for p in pruned["cuda"].parameters()} == {"cpu"}  # blocks went back to the offload device
     probe = calibration_ids(n=2, seq_len=16, seed=5)
@@ -61,7 +62,7 @@ def test_evaluation_and_reload_check_run_on_the_gpu(lazy, tmp_path):
         with torch.no_grad():
             return {"mean_logit": float(m(input_ids=probe.to(device)).logits.float().mean())}
 
-    result = prune(model, input_ids=ids, sparsity=0.3, device="cuda", stats_dtype="float32", evaluate=evaluate,
+    result = prune(model, input_ids=ids, sparsity=0.3, device="cuda", evaluate=evaluate,
                    progress=False)
     assert seen == ["cuda", "cuda"]
     torch.cuda.reset_peak_memory_stats()

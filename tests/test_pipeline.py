@@ -17,7 +17,7 @@ from hf_subprune.pipeline.widths import site_costs
 from hf_subprune.pipeline.capture import capture_block_inputs, find_blocks, run_block
 from hf_subprune.adapters import auto_class_for
 from hf_subprune.outputs.heterogeneous import layer_widths
-from hf_subprune.pipeline.statistics import residual_weights, site_inputs
+from hf_subprune.pipeline.statistics import accumulator_dtype, residual_weights, site_inputs
 from hf_subprune.maths.selection import NonFiniteStatisticsError
 from hf_subprune.pipeline.sites import attention_site, mlp_site
 
@@ -133,6 +133,21 @@ def test_results_do_not_depend_on_batch_size():
     assert kept[0] == kept[1] == kept[2]
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weights[0], weights[2], rtol=1e-4, atol=1e-5)
+
+
+def test_statistics_summed_in_float32_cut_as_float64_does():
+    """``stats_dtype="auto"`` sums in float32 on a GPU: the same cut as float64's, up to the refit's rounding."""
+    assert accumulator_dtype("auto", "cpu") == torch.float64
+    assert accumulator_dtype("auto", "cuda:1") == accumulator_dtype("auto", "mps") == torch.float32
+    assert accumulator_dtype("float64", "cuda") == torch.float64
+    kept, weights = [], []
+    for dtype in ("float64", "float32"):
+        model = tiny_model("llama")
+        result = prune(model, input_ids=calibration_ids(), sparsity=0.3, stats_dtype=dtype, progress=False)
+        kept.append([s.kept for s in result.sites])
+        weights.append(model.model.layers[1].mlp.down_proj.weight.detach().clone())
+    assert kept[0] == kept[1]
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", ALL_TYPES)

@@ -35,6 +35,7 @@ from .capture import BlockInputs, HookSet, find_blocks, run_block
 from .runner import SiteReport
 from .sites import Site, attention_site, mlp_site
 from .surgery import add_consumer_bias, apply_selection, lacks_consumer_bias
+from .statistics import accumulator_dtype
 from .widths import SiteCosts, Widths, site_costs
 
 __all__ = ["MODEL_PASSES", "register_model_pass", "prune_flap", "flap_units", "fluctuation_widths"]
@@ -259,7 +260,7 @@ def _cut(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConf
     ``biased`` site kinds (whose config flag is set), here, where the block is in memory; returns the reports and
     the bias parameters added per kind (to the consumers, to the other modules the flag covers)."""
     offload = torch.device(cfg.offload_device)
-    dtype = getattr(torch, cfg.stats_dtype)
+    dtype = accumulator_dtype(cfg.stats_dtype, device)
     last = max((u.block for u in units if u.cut), default=-1)
     reports: list[SiteReport] = []
     added = {kind: (0, 0) for kind in biased}

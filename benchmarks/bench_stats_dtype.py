@@ -1,0 +1,107 @@
+"""Statistics summed in float32 against float64: does the cut change? (``stats_dtype="auto"`` sums in float32 on a
+GPU, float64 on the CPU.)
+
+SmolLM2-135M pruned at each --sparsities from the same --num-samples x --seq-len WikiText-2 valid tokens, once with
+each accumulator dtype (the products are float32 either way; with float32 sums the refit solves in float32 too):
+per run, the sites whose kept set differs, the columns swapped, the largest relative difference of a site's
+reconstruction error, the time, and the perplexity on WikiText-2 test (in the calibration's domain) and on the
+pydoc held-out half (out of it).
+
+    python benchmarks/bench_stats_dtype.py [--sparsities 0.2,0.5] [--threads 1]
+
+Appends rows to benchmarks/results/stats_dtype.jsonl (each with its run) and rewrites stats_dtype.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from hf_subprune import prune  # noqa: E402
+from hf_subprune.calibration import builtin_text, token_blocks  # noqa: E402
+from hf_subprune.evaluation import perplexity  # noqa: E402
+from hf_subprune.loading import load_model  # noqa: E402
+
+from data import add_data_arguments, require, wikitext_text  # noqa: E402
+from provenance import commit, run_label  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+DTYPES = ("float64", "float32")
+
+
+def compare(a, b) -> dict:
+    """How far the float32 run's cut (``b``) is from the float64 one's (``a``), site by site."""
+    swapped = [len(set(x.kept) ^ set(y.kept)) // 2 for x, y in zip(a.sites, b.sites)]
+    return {"sites": len(a.sites), "sites_differing": sum(s > 0 for s in swapped), "columns_swapped": sum(swapped),
+            "max_relative_error_difference": max(abs(x.error - y.error) / max(x.error, 1e-30)
+                                                 for x, y in zip(a.sites, b.sites))}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["# Statistics summed in float32 against float64", "",
+             "SmolLM2-135M, WikiText-2 valid calibration; perplexity on WikiText-2 test (in domain) and the pydoc "
+             "held-out half (out of it). Sites differing: kept sets not equal to float64's; error difference: the "
+             "largest relative difference of a site's reconstruction error.", "",
+             "| run | commit | sparsity | tokens | dtype | seconds | WikiText-2 | pydoc | sites differing | columns "
+             "swapped | error difference |", "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        diff = r.get("against_float64")
+        tail = (f"{diff['sites_differing']} / {diff['sites']} | {diff['columns_swapped']} | "
+                f"{diff['max_relative_error_difference']:.1e}") if diff else "- | - | -"
+        lines.append(f"| {r['run']} | {r['commit']} | {r['sparsity']:.0%} | {r['num_samples']} x {r['seq_len']} | "
+                     f"{r['dtype']} | {r['seconds']:.0f} | {r['wikitext']:.3f} | {r['pydoc']:.3f} | {tail} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sparsities", default="0.2,0.5")
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--threads", type=int, default=1)
+    add_data_arguments(parser)
+    args = parser.parse_args()
+    require(args.data, args.hub, wikitext=("valid", "test"))
+    torch.set_num_threads(args.threads)
+    model, tokenizer, _ = load_model("smollm2")
+    ids = token_blocks([wikitext_text("valid", args.data, args.hub)], tokenizer, args.num_samples, args.seq_len, seed=0)
+    texts = {"wikitext": wikitext_text("test", args.data, args.hub), "pydoc": builtin_text("heldout")}
+    run, code = run_label(), commit()
+    out = RESULTS / "stats_dtype.jsonl"
+    for sparsity in map(float, args.sparsities.split(",")):
+        results = {}
+        for dtype in DTYPES:
+            start = time.perf_counter()
+            result = prune(copy.deepcopy(model), input_ids=ids, sparsity=sparsity, stats_dtype=dtype, progress=False)
+            seconds = time.perf_counter() - start
+            row = {"run": run, "commit": code, "sparsity": sparsity, "num_samples": args.num_samples,
+                   "seq_len": args.seq_len, "dtype": dtype, "seconds": seconds, "threads": args.threads,
+                   **{name: perplexity(result.model, tokenizer, text, max_tokens=args.eval_tokens)["perplexity"]
+                      for name, text in texts.items()}}
+            results[dtype] = result
+            if dtype != DTYPES[0]:
+                row["against_float64"] = compare(results[DTYPES[0]], result)
+            print(json.dumps(row), flush=True)
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        del results
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    (RESULTS / "stats_dtype.md").write_text(table(rows))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
