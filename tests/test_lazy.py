@@ -140,6 +140,14 @@ def test_the_embeddings_and_head_wait_on_disk_during_a_walk(folders, folder):
     assert (embeddings.weight is head.weight) == tied
     assert model.get_input_embeddings() is embeddings and tied == (folder == "gpt2")
 
+    # Changed since read (in place here): the checkpoint no longer has them, so they stay in memory.
+    with torch.no_grad():
+        embeddings.weight.add_(1.0)
+    changed = embeddings.weight.detach().clone()
+    for _ in walk_blocks(model, inputs, "cpu", "cpu", desc="test", show=False):
+        assert not embeddings.weight.is_meta and head.weight.is_meta != tied
+    assert torch.equal(embeddings.weight, changed)
+
 
 def test_the_work_folder_goes_with_the_model(folders):
     result = prune(str(folders["llama"]), input_ids=calibration_ids(4, 16), sparsity=0.3, budget="uniform",

@@ -125,6 +125,7 @@ class BlockSource:
         self.prefix = prefix
         self._locations = locations  # full parameter name -> (safetensors file, key in it), for the input checkpoint
         self._vocabulary = vocabulary or {}  # the same for the embeddings' and the head's parameters
+        self._as_read: dict[int, tuple[weakref.ref, int]] = {}  # vocabulary parameters as read, and their version
         self._spilled: dict[int, tuple[Path, set[str]]] = {}
         self._streamed: set[int] = set()
         self._state = _State()
@@ -184,7 +185,8 @@ class BlockSource:
         (on their device, in their dtype, tied ones tied again). A pass over the blocks never reads them (the
         stream entering block 0 was captured before), and they are the largest tensors outside the blocks: 0.19 GiB
         of a 1.2B model with a 49k vocabulary, 2 GB of an 8B one with an untied 128k vocabulary. Parameters the
-        checkpoint lacks (initialised on load) stay in memory."""
+        checkpoint lacks (initialised on load), or that changed since they were read (another object in their place,
+        or changed in place: their version counter moved), stay in memory."""
         held = self._send_vocabulary_to_meta(model)
         if held:
             release_freed_memory()
@@ -198,8 +200,17 @@ class BlockSource:
                     restored = nn.Parameter(f.get_tensor(key).to(device=device, dtype=dtype),
                                             requires_grad=requires_grad)
                 restored._is_hf_initialized = True
+                self.note_read(restored)
                 for name in names:
                     _place(model, name, restored)
+
+    def note_read(self, param: nn.Parameter) -> None:
+        """Remember that ``param`` holds a vocabulary tensor as the checkpoint has it (a walk may read it back)."""
+        self._as_read[id(param)] = (weakref.ref(param), param._version)
+
+    def _unchanged(self, param: nn.Parameter) -> bool:
+        ref, version = self._as_read.get(id(param), (None, -1))
+        return ref is not None and ref() is param and param._version == version
 
     def _send_vocabulary_to_meta(self, model: nn.Module) -> list[tuple[list[str], tuple[str, str], Any, Any, bool]]:
         """Put meta placeholders in place of the vocabulary parameters the checkpoint holds; what reloads them."""
@@ -210,7 +221,7 @@ class BlockSource:
         held = []
         for param, names in groups.values():
             stored = next((self._vocabulary[n] for n in names if n in self._vocabulary), None)
-            if stored is not None:
+            if stored is not None and self._unchanged(param):
                 held.append((names, stored, param.device, param.dtype, param.requires_grad))
                 placeholder = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
                 for name in names:
@@ -389,6 +400,8 @@ def load_lazy(folder: str | Path, auto_class: type, *, dtype: torch.dtype | None
                          "match the config; download or save the model again")
     _load(model, placeholders, {name: found for name, found in where.items() if not source.owns(name)})
     model.tie_weights()
+    for name in vocabulary & where.keys():
+        source.note_read(model.get_parameter(name))
     _initialise_missing(model, source, folder)
     if model.can_generate():
         try:
