@@ -80,15 +80,15 @@ def _prune_site(site: Site, adapter: Adapter, block: nn.Module, stats: SiteStati
     consumer = block.get_submodule(site.consumer)
     weight = adapter.weight(consumer).detach()
     bias_shift = cfg.bias_shift and getattr(consumer, "bias", None) is not None
+    exact = weight.to(stats.gram)  # one copy in the statistics' dtype for all three uses (92 MB at a 1B MLP)
     sel = select(
-        cfg.method, stats, weight.to(stats.gram), site.keep, groups=site.groups, refit_weights=cfg.refit,
+        cfg.method, stats, exact, site.keep, groups=site.groups, refit_weights=cfg.refit,
         damping=cfg.damping, shrinkage=shrinkage_for(cfg, stats), bias_shift=bias_shift, partition=site.partition,
-        per_class=site.per_class,
-        prior=weight.to(stats.gram) if cfg.damp_to_original else None, seed=cfg.seed + block_index, site=site.name,
-        selection_error=selection_error_for(cfg, stats),
+        per_class=site.per_class, prior=exact if cfg.damp_to_original else None, seed=cfg.seed + block_index,
+        site=site.name, selection_error=selection_error_for(cfg, stats),
     )
-    kept_columns = sel.kept_columns.to(weight.device)
-    untouched = reconstruction_error(stats, sel.kept_columns, weight.to(stats.gram)[:, kept_columns])
+    untouched = reconstruction_error(stats, sel.kept_columns, exact[:, sel.kept_columns.to(exact.device)])
+    del exact
     apply_selection(block, adapter, site, sel.kept, sel.weight, sel.bias_shift if bias_shift else None)
     return SiteReport(
         name=site.name, kind=site.kind, block=block_index, groups_before=site.num_groups, groups_kept=len(sel.kept),
