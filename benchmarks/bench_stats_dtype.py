@@ -55,7 +55,8 @@ def table(rows: list[dict]) -> str:
              "held-out half (out of it). Sites differing: kept sets not equal to float64's; error difference: the "
              "largest relative difference of a site's reconstruction error.", "",
              "| run | commit | sparsity | tokens | dtype | seconds | WikiText-2 | pydoc | sites differing | columns "
-             "swapped | error difference |", "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "swapped | error difference |",
+             "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         diff = r.get("against_float64")
         tail = (f"{diff['sites_differing']} / {diff['sites']} | {diff['columns_swapped']} | "

@@ -34,8 +34,8 @@ from .blocks import walk_blocks
 from .capture import BlockInputs, HookSet, find_blocks, run_block
 from .runner import SiteReport
 from .sites import Site, attention_site, mlp_site
-from .surgery import add_consumer_bias, apply_selection, lacks_consumer_bias
 from .statistics import accumulator_dtype
+from .surgery import add_consumer_bias, apply_selection, lacks_consumer_bias
 from .widths import SiteCosts, Widths, site_costs
 
 __all__ = ["MODEL_PASSES", "register_model_pass", "prune_flap", "flap_units", "fluctuation_widths"]

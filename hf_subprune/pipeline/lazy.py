@@ -206,6 +206,7 @@ class BlockSource:
 
     def note_read(self, param: nn.Parameter) -> None:
         """Remember that ``param`` holds a vocabulary tensor as the checkpoint has it (a walk may read it back)."""
+        self._as_read = {key: entry for key, entry in self._as_read.items() if entry[0]() is not None}
         self._as_read[id(param)] = (weakref.ref(param), param._version)
 
     def _unchanged(self, param: nn.Parameter) -> bool:

@@ -13,7 +13,8 @@ from .capture import BlockInputs, HookSet, run_block
 from .sites import Site
 from .variants import Variant
 
-__all__ = ["accumulator_dtype", "collect_statistics", "dense_targets", "site_inputs", "consumer_inputs", "residual_weights"]
+__all__ = ["accumulator_dtype", "collect_statistics", "dense_targets", "site_inputs", "consumer_inputs",
+           "residual_weights"]
 
 
 def accumulator_dtype(choice: str, device) -> torch.dtype:
