@@ -144,10 +144,13 @@ def test_statistics_summed_in_float32_cut_as_float64_does():
     for dtype in ("float64", "float32"):
         model = tiny_model("llama")
         result = prune(model, input_ids=calibration_ids(), sparsity=0.3, stats_dtype=dtype, progress=False)
+        assert result.config.stats_dtype == dtype
         kept.append([s.kept for s in result.sites])
         weights.append(model.model.layers[1].mlp.down_proj.weight.detach().clone())
     assert kept[0] == kept[1]
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)
+    assert prune(tiny_model("llama"), input_ids=calibration_ids(), sparsity=0.3,
+                 progress=False).config.stats_dtype == "float64"  # "auto" on the CPU, as the report says it ran
 
 
 @pytest.mark.parametrize("model_type", ALL_TYPES)
