@@ -67,6 +67,7 @@ def test_evaluation_and_reload_check_run_on_the_gpu(lazy, tmp_path):
 
     result = prune(model, input_ids=ids, sparsity=0.3, device="cuda", dtype=dtype, evaluate=evaluate,
                    progress=False)
+    assert result.config.stats_dtype == "float32"  # "auto" on the GPU
     assert seen == ["cuda", "cuda"]
     torch.cuda.reset_peak_memory_stats()
     path = result.save(tmp_path / "out")
