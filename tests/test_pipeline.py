@@ -139,7 +139,8 @@ def test_statistics_summed_in_float32_cut_as_float64_does():
     """``stats_dtype="auto"`` sums in float32 on a GPU: the same cut as float64's, up to the refit's rounding."""
     assert accumulator_dtype("auto", "cpu") == torch.float64
     assert accumulator_dtype("auto", "cuda:1") == accumulator_dtype("auto", "mps") == torch.float32
-    assert accumulator_dtype("float64", "cuda") == torch.float64
+    assert accumulator_dtype("float64", "cuda") == accumulator_dtype("auto", "cuda", shrinkage=0) == torch.float64
+    assert accumulator_dtype("auto", "cuda", shrinkage=None) == torch.float32  # None: the automatic shrinkage, >= 1
     kept, weights = [], []
     for dtype in ("float64", "float32"):
         model = tiny_model("llama")

@@ -17,14 +17,17 @@ __all__ = ["accumulator_dtype", "collect_statistics", "dense_targets", "site_inp
            "residual_weights"]
 
 
-def accumulator_dtype(choice: str, device) -> torch.dtype:
+def accumulator_dtype(choice: str, device, shrinkage: float | None = None) -> torch.dtype:
     """The dtype the statistics are summed in (``PruneConfig.stats_dtype``). ``auto``: float32 on an accelerator,
     where float64 is slow or missing (MPS) and a d x d float64 gram of an 8B model's MLP takes 1.6 GB; float64 on the
-    CPU. Either way the products are float32 (``SiteStatistics.update``): the accumulator only sets how the batches'
-    sums add up."""
+    CPU, and wherever ``shrinkage`` is 0: without its ridge a gram can be singular up to the small damping, and the
+    refit (in the sums' dtype) and its float64 fallback need the sums exact. Either way the products are float32
+    (``SiteStatistics.update``): the accumulator only sets how the batches' sums add up."""
     if choice != "auto":
         return getattr(torch, choice)
-    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+    if torch.device(device).type == "cpu" or shrinkage == 0:
+        return torch.float64
+    return torch.float32
 
 
 def _product(module: nn.Module, output: torch.Tensor) -> torch.Tensor:
