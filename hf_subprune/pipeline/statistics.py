@@ -22,7 +22,8 @@ def accumulator_dtype(choice: str, device, shrinkage: float | None = None) -> to
     where float64 is slow or missing (MPS) and a d x d float64 gram of an 8B model's MLP takes 1.6 GB; float64 on the
     CPU, and wherever ``shrinkage`` is 0: without its ridge a gram can be singular up to the small damping, and the
     refit (in the sums' dtype) and its float64 fallback need the sums exact. Either way the products are float32
-    (``SiteStatistics.update``): the accumulator only sets how the batches' sums add up."""
+    (float64 for a float64 model; ``SiteStatistics.update``): the accumulator only sets how the batches' sums add
+    up."""
     if choice != "auto":
         return getattr(torch, choice)
     if torch.device(device).type == "cpu" or shrinkage == 0:
