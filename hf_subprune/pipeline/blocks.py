@@ -4,7 +4,7 @@ lazy model (``lazy.py``) it is also the only block in memory, the others wait on
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -46,40 +46,33 @@ def walk_blocks(model: nn.Module, inputs: BlockInputs, device, offload, *, desc:
     In a lazy model the block is materialised from disk instead, and released to the meta device after: a pass
     that changes blocks says so (``modifies``), and each block it walked is stored for the next pass to read. The
     embeddings and the head wait on disk for the walk's duration (``BlockSource.vocabulary_released``)."""
-    source = lazy_blocks(model)
-    if source is None:
-        yield from _walk(model, None, inputs, device, offload, desc, show, stop, modifies)
-        return
-    with source.vocabulary_released(model):  # the walk never reads them: one block is all a lazy model holds
-        yield from _walk(model, source, inputs, device, offload, desc, show, stop, modifies)
-
-
-def _walk(model: nn.Module, source, inputs: BlockInputs, device, offload, desc: str, show: bool, stop: int | None,
-          modifies: bool) -> Iterator[BlockStep]:
     prefix, blocks = find_blocks(model)
+    source = lazy_blocks(model)
     offload = torch.device(offload)
     hidden = inputs.hidden
     count = len(blocks) if stop is None else stop
-    for i in progress(range(count), desc=desc, enabled=show):
-        if source is not None:
-            source.materialize(i, blocks[i], device)
-        else:
-            blocks[i].to(device)
-        step = BlockStep(i, f"{prefix}.{i}", blocks[i], hidden)
-        done = False
-        try:  # a pass that fails still sends its block back (a half-cut block is not stored)
-            yield step
-            if step.outputs is not None:
-                hidden = step.outputs
-            else:
-                mover = step.through if step.through is not None else step.block
-                hidden = [run_block(mover, inputs, hidden, j, device).to(offload) for j in range(len(hidden))]
-            done = True
-        finally:
+    # The walk never reads the embeddings or the head: a lazy model leaves them on disk meanwhile.
+    with source.vocabulary_released(model) if source is not None else nullcontext():
+        for i in progress(range(count), desc=desc, enabled=show):
             if source is not None:
-                source.release(i, blocks[i], store=modifies and done)
+                source.materialize(i, blocks[i], device)
             else:
-                blocks[i].to(offload)
+                blocks[i].to(device)
+            step = BlockStep(i, f"{prefix}.{i}", blocks[i], hidden)
+            done = False
+            try:  # a pass that fails still sends its block back (a half-cut block is not stored)
+                yield step
+                if step.outputs is not None:
+                    hidden = step.outputs
+                else:
+                    mover = step.through if step.through is not None else step.block
+                    hidden = [run_block(mover, inputs, hidden, j, device).to(offload) for j in range(len(hidden))]
+                done = True
+            finally:
+                if source is not None:
+                    source.release(i, blocks[i], store=modifies and done)
+                else:
+                    blocks[i].to(offload)
 
 
 @contextmanager

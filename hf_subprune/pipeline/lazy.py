@@ -91,6 +91,11 @@ def _assign(root: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _meta_like(param: nn.Parameter) -> nn.Parameter:
+    """A placeholder with ``param``'s shape, dtype and ``requires_grad``, on the meta device."""
+    return nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+
+
 def _place(root: nn.Module, name: str, param: nn.Parameter) -> None:
     """Put the very object ``param`` in place of the parameter ``name`` (tied names share it)."""
     path, _, leaf = name.rpartition(".")
@@ -168,8 +173,7 @@ class BlockSource:
         for module in block.modules():
             for name, param in module._parameters.items():
                 if param is not None:
-                    module._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"),
-                                                            requires_grad=param.requires_grad)
+                    module._parameters[name] = _meta_like(param)
             for name, buffer in module._buffers.items():
                 if buffer is not None and name not in module._non_persistent_buffers_set:
                     module._buffers[name] = torch.empty_like(buffer, device="meta")
@@ -195,13 +199,12 @@ class BlockSource:
         finally:
             from safetensors import safe_open
 
-            for names, (file, key), device, dtype, requires_grad in held:
+            for names, (file, key), device, dtype in held:
                 with safe_open(file, framework="pt") as f:
-                    restored = nn.Parameter(f.get_tensor(key).to(device=device, dtype=dtype),
-                                            requires_grad=requires_grad)
+                    restored = _assign(model, names[0], f.get_tensor(key).to(device=device, dtype=dtype))
                 restored._is_hf_initialized = True
                 self.note_read(restored)
-                for name in names:
+                for name in names[1:]:
                     _place(model, name, restored)
 
     def note_read(self, param: nn.Parameter) -> None:
@@ -213,7 +216,7 @@ class BlockSource:
         ref, version = self._as_read.get(id(param), (None, -1))
         return ref is not None and ref() is param and param._version == version
 
-    def _send_vocabulary_to_meta(self, model: nn.Module) -> list[tuple[list[str], tuple[str, str], Any, Any, bool]]:
+    def _send_vocabulary_to_meta(self, model: nn.Module) -> list[tuple[list[str], tuple[str, str], Any, Any]]:
         """Put meta placeholders in place of the vocabulary parameters the checkpoint holds; what reloads them."""
         groups: dict[int, tuple[nn.Parameter, list[str]]] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
@@ -223,8 +226,8 @@ class BlockSource:
         for param, names in groups.values():
             stored = next((self._vocabulary[n] for n in names if n in self._vocabulary), None)
             if stored is not None and self._unchanged(param):
-                held.append((names, stored, param.device, param.dtype, param.requires_grad))
-                placeholder = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+                held.append((names, stored, param.device, param.dtype))
+                placeholder = _meta_like(param)  # keeps requires_grad, which the restore's ``_assign`` reads
                 for name in names:
                     _place(model, name, placeholder)
         return held
