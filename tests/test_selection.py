@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hf_subprune.maths import selection
+from hf_subprune.maths.methods import select
 from hf_subprune.maths.selection import (
     FLOAT32_ERROR_SHARE,
     TIE_RTOL,
@@ -134,8 +135,8 @@ def assert_curve_close(curve: torch.Tensor, ref: torch.Tensor, target_sq: float,
 SHAPES = [(1, 20, 12), (8, 64, 5)]
 
 
-@pytest.fixture(params=[(64, selection.GREEDY_COMPACT), (2, selection.GREEDY_COMPACT), (2, 3)],
-                ids=["block64", "block2", "block2-compact3"])
+@pytest.fixture(params=[(selection.GREEDY_BLOCK, selection.GREEDY_COMPACT), (2, selection.GREEDY_COMPACT), (2, 3)],
+                ids=["default", "block2", "block2-compact3"])
 def greedy_block(request, monkeypatch):
     """The single-column greedy's block size and compaction: the defaults; blocks small enough that the tests'
     problems cross several block updates (picks moved out of the updates after every block); and picks carried
@@ -229,6 +230,45 @@ def test_refit_of_no_columns_is_the_mean():
     assert weight.shape == (4, 0)
     torch.testing.assert_close(shift, y.mean(0))
     assert error == pytest.approx(float((y - y.mean(0)).square().sum()), rel=1e-9)
+
+
+def direct_sum(b: torch.Tensor, y: torch.Tensor, cols: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> float:
+    """``sum_t ||y_t - W b_{t,S} - c||^2`` on the activations themselves."""
+    return float((y - b[:, cols] @ weight.T - shift).square().sum())
+
+
+def test_reconstruction_error_by_symmetric_panels(monkeypatch):
+    """The error's quadratic term is summed a panel of rows at a time over the lower triangle (the part left of the
+    diagonal block twice): with panels of 4 columns across 23 kept ones it equals the sum over the tokens."""
+    b, y, _, stats = asymmetric_problem(9, n=150, d=30, m=6)
+    gen = torch.Generator().manual_seed(3)
+    cols = torch.randperm(30, generator=gen)[:23].sort().values
+    weight = torch.randn(6, 23, generator=gen, dtype=F64)
+    shift = torch.randn(6, generator=gen, dtype=F64)
+    whole = reconstruction_error(stats, cols, weight, shift)
+    monkeypatch.setattr(selection, "STATISTICS_PANEL", 4)
+    assert reconstruction_error(stats, cols, weight, shift) == pytest.approx(direct_sum(b, y, cols, weight, shift),
+                                                                             rel=1e-10)
+    assert reconstruction_error(stats, cols, weight, shift) == pytest.approx(whole, rel=1e-12)
+
+
+@pytest.mark.parametrize("bias_shift", [True, False])
+@pytest.mark.parametrize("with_prior", [True, False])
+def test_undamped_error_from_the_refit_equals_the_sum_over_tokens(bias_shift, with_prior):
+    """The refit knows its damped objective; minus the ridge's terms (pulling towards the prior, or zero) it is
+    the undamped error of its weights, which the report shows without another O(m |S|^2) pass."""
+    b, y, w, stats = asymmetric_problem(11, n=60, d=40, m=7)  # fewer tokens than columns: the ridge matters
+    prior = w if with_prior else None
+    sel = greedy_select(stats, 25, damping=1e-2, shrinkage=1.5, bias_shift=bias_shift, prior=prior)
+    expected = direct_sum(b, y, sel.kept_columns, sel.weight, sel.bias_shift)
+    assert sel.undamped_error == pytest.approx(expected, rel=1e-9)
+    assert sel.undamped_error < sel.error  # the damped objective adds positive ridge terms
+    cols = sel.kept_columns[:-3]
+    weight, shift, error, _ = refit(stats, cols, damping=1e-2, shrinkage=1.5, bias_shift=bias_shift, prior=prior)
+    assert error == pytest.approx(direct_sum(b, y, cols, weight, shift), rel=1e-9)
+    # methods.select reports the same error as the direct sum
+    chosen = select("greedy", stats, w, 25, damping=1e-2, shrinkage=1.5, bias_shift=bias_shift, prior=prior)
+    assert chosen.error == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("r", [1, 4])

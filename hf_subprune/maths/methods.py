@@ -314,7 +314,7 @@ def select(
         cols = layout.kept_columns(kept)
         result = Selection(kept, cols, None, torch.zeros(weight.shape[0]), curve, float(stats.target_sq))
         if refit_weights:
-            result.weight, result.bias_shift, _, result.diagnostics = refit(
+            result.weight, result.bias_shift, result.undamped_error, result.diagnostics = refit(
                 stats, cols, damping=damping, bias_shift=bias_shift, prior=prior, shrinkage=shrinkage, site=site
             )
     if not refit_weights:
@@ -322,7 +322,10 @@ def select(
         result.bias_shift = torch.zeros(weight.shape[0], dtype=stats.gram.dtype, device=stats.gram.device)
         if spec.compensates_bias and stats.count > 0:
             result.bias_shift = compensation(weight, stats.input_sum / stats.count, result.kept_columns)
-    result.error = reconstruction_error(stats, result.kept_columns, result.weight, result.bias_shift)
+    if refit_weights and result.undamped_error is not None:  # known from the refit: O(m d), not O(m |S|^2)
+        result.error = result.undamped_error
+    else:
+        result.error = reconstruction_error(stats, result.kept_columns, result.weight, result.bias_shift)
     if greedy:
         result.diagnostics = {**result.diagnostics, "selection_error": selection_error}
     return result
