@@ -199,7 +199,7 @@ def run_demo(args, python: str) -> list[dict]:
 
 def _key(row: dict) -> tuple:
     return (row["case"], row.get("run", ""), row["size"], row.get("mmap_threshold", 0), row.get("commit", ""),
-            row.get("dtype", "auto"))
+            row.get("dtype", "auto"), " ".join(row.get("prune_args") or []))
 
 
 def table(rows: list[dict], env: dict) -> str:
@@ -209,18 +209,19 @@ def table(rows: list[dict], env: dict) -> str:
              "## Synthetic Llama models (random bf16 weights on disk), 20%, 8 x 256 tokens", "",
              "Malloc: `MALLOC_MMAP_THRESHOLD_` given to the prune process (glibc; `-` = its default, dynamic up to "
              "32 MB). Commit: the code measured. Threads: OMP_NUM_THREADS of the run (`-`: torch's default, or not "
-             "recorded before the twelfth session).", "",
+             "recorded before the twelfth session). Flags: --prune-args given to the prune beyond the defaults.", "",
              "| size | parameters | shape (hidden / MLP / layers / heads / kv) | on disk GiB | commit | malloc "
-             "| threads | seconds | s per (B params x 1k tokens) | peak RSS GiB | peak above import / on disk "
+             "| threads | flags | seconds | s per (B params x 1k tokens) | peak RSS GiB | peak above import / on disk "
              "(goal < 0.3) |",
-             "| --- | ---: | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in [r for r in rows if r["case"] == "synthetic"]:
         s = r["shape"]
         rate = r["seconds"] / (r["parameters"] / 1e9 * r["tokens"] / 1e3)
         ok = "pass" if r["peak_above_import_over_disk"] < 0.3 and r["returncode"] == 0 else "fail"
         lines.append(f"| {r['size']} | {r['parameters']:,} | {s['hidden']} / {s['mlp']} / {s['layers']} / "
                      f"{s['heads']} / {s['kv_heads']} | {r['disk_bytes'] / 2**30:.2f} | {r.get('commit', '-')} "
-                     f"| {r.get('mmap_threshold') or '-'} | {r.get('threads') or '-'} | {r['seconds']:.0f} "
+                     f"| {r.get('mmap_threshold') or '-'} | {r.get('threads') or '-'} "
+                     f"| {' '.join(f'`{a}`' for a in r.get('prune_args') or []) or '-'} | {r['seconds']:.0f} "
                      f"| {rate:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['peak_above_import_over_disk']:.2f} "
                      f"({ok}) |")
     runs: dict[str, dict] = {}  # run -> (dtype, code) -> row: speed-ups compare rows of one run only

@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flag(p, "--budget", "budget", choices=BUDGETS)
     _config_flag(p, "--mlp-multiple", "mlp_multiple", type=int)
     _config_flag(p, "--min-width-fraction", "min_width_fraction", type=float)
+    _config_flag(p, "--stats-dtype", "stats_dtype", choices=("auto", "float64", "float32"))
     p.add_argument("--recipe", default=None, help="YAML/JSON recipe of PruneConfig keys; command-line flags win")
     _config_flag(p, "--seed", "seed", type=int)
     _config_flag(p, "--device", "device")
@@ -262,7 +263,7 @@ def _prune(args) -> int:
     fields = ("sparsity", "mlp_sparsity", "attention_sparsity", "num_samples", "synthetic_samples", "seq_len",
               "batch_size", "method", "variant", "drift_correction", "attention_mode", "refit", "refit_full_width",
               "damping", "shrinkage", "token_weights", "selection_error", "seed", "device", "budget", "mlp_multiple",
-              "min_width_fraction")
+              "min_width_fraction", "stats_dtype")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.quiet:
         _quiet()

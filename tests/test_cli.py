@@ -113,23 +113,24 @@ def test_help_lists_every_flag():
     run = _run("prune", "--help", cwd=ROOT)
     for flag in ("--output", "--overwrite", "--sparsity", "--mlp-sparsity", "--attention-sparsity", "--calibration",
                  "--num-samples", "--synthetic-samples", "--seq-len", "--method", "--variant", "--no-refit", "--recipe", "--seed",
-                 "--device", "--dtype"):
+                 "--device", "--dtype", "--stats-dtype"):
         assert flag in run.stdout
 
 
 def test_global_budget_flags(model_dir, tmp_path):
     """--budget global with the rounding and minimum-width flags: the widths follow them, and the folder
-    reloads (with the remote code when the widths differ per layer)."""
+    reloads (with the remote code when the widths differ per layer). --stats-dtype reaches the config."""
     text = tmp_path / "calib.txt"
     text.write_text(_corpus())
     out = tmp_path / "global"
     run = _run("prune", str(model_dir), "--output", str(out), "--sparsity", "0.4", "--budget", "global",
                "--mlp-multiple", "4", "--min-width-fraction", "0.25", "--calibration", str(text),
-               "--num-samples", "8", "--seq-len", "32", "--quiet", cwd=tmp_path)
+               "--num-samples", "8", "--seq-len", "32", "--stats-dtype", "float32", "--quiet", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     report = json.loads((out / "subprune_report.json").read_text())
-    assert (report["config"]["budget"], report["config"]["mlp_multiple"], report["config"]["min_width_fraction"]) == (
-        "global", 4, 0.25)
+    config = report["config"]
+    assert (config["budget"], config["mlp_multiple"], config["min_width_fraction"], config["stats_dtype"]) == (
+        "global", 4, 0.25, "float32")
     mlp = [w["mlp"] for w in report["widths"]]
     full = transformers.AutoConfig.from_pretrained(model_dir).intermediate_size
     assert all(w % 4 == 0 or w == full for w in mlp) and min(mlp) >= 0.25 * full
