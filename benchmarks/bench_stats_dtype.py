@@ -1,5 +1,5 @@
-"""Statistics summed in float32 against float64: does the cut change? (``stats_dtype="auto"`` sums in float32 on a
-GPU, float64 on the CPU.)
+"""Statistics summed in float32 against float64: does the cut change? (``stats_dtype="auto"`` sums in float32 for a
+model that is not float64; until the nineteenth session it summed in float64 on the CPU.)
 
 SmolLM2-135M pruned at each --sparsities from the same --num-samples x --seq-len WikiText-2 valid tokens, once with
 each accumulator dtype (the products are float32 either way; with float32 sums the refit solves in float32 too):

@@ -209,9 +209,9 @@ class PruneConfig:
     device: str | None = _help("Device the current block runs on (default: cuda if available, else cpu).")
     offload_device: str = _help("Where blocks and hidden states wait when not being pruned.", "cpu")
     stats_dtype: str = _help(
-        "Accumulator dtype of the statistics (their products are float32 unless the model is float64): float64, "
-        "float32 (half the memory) or auto (default: float32 on a GPU, where float64 runs slowly; float64 on the CPU "
-        "or with shrinkage 0).", "auto")
+        "Accumulator dtype of the statistics and their refit (the products are float32 unless the model is "
+        "float64): float64, float32 (half the memory) or auto (default: float32; float64 for a float64 model or "
+        "with shrinkage 0).", "auto")
 
     def __post_init__(self) -> None:
         self._check_types()

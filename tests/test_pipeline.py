@@ -136,10 +136,12 @@ def test_results_do_not_depend_on_batch_size():
 
 
 def test_statistics_summed_in_float32_cut_as_float64_does():
-    """``stats_dtype="auto"`` sums in float32 on a GPU: the same cut as float64's, up to the refit's rounding."""
-    assert accumulator_dtype("auto", "cpu") == torch.float64
-    assert accumulator_dtype("auto", "cuda:1") == accumulator_dtype("auto", "mps") == torch.float32
+    """``stats_dtype="auto"`` sums in float32 (float64 for a float64 model or without shrinkage): the same cut as
+    float64's, up to the refit's rounding."""
+    assert accumulator_dtype("auto", "cpu") == accumulator_dtype("auto", "cuda:1") == torch.float32
+    assert accumulator_dtype("auto", "mps", model_dtype=torch.bfloat16) == torch.float32
     assert accumulator_dtype("float64", "cuda") == accumulator_dtype("auto", "cuda", shrinkage=0) == torch.float64
+    assert accumulator_dtype("auto", "cpu", model_dtype=torch.float64) == torch.float64
     assert accumulator_dtype("auto", "cuda", shrinkage=None) == torch.float32  # None: the automatic shrinkage, >= 1
     kept, weights = [], []
     for dtype in ("float64", "float32"):
@@ -150,8 +152,11 @@ def test_statistics_summed_in_float32_cut_as_float64_does():
         weights.append(model.model.layers[1].mlp.down_proj.weight.detach().clone())
     assert kept[0] == kept[1]
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)
+    # "auto" as the report says it ran: float32 for a float32 model, float64 for a float64 one
     assert prune(tiny_model("llama"), input_ids=calibration_ids(), sparsity=0.3,
-                 progress=False).config.stats_dtype == "float64"  # "auto" on the CPU, as the report says it ran
+                 progress=False).config.stats_dtype == "float32"
+    assert prune(tiny_model("llama").double(), input_ids=calibration_ids(), sparsity=0.3,
+                 progress=False).config.stats_dtype == "float64"
 
 
 @pytest.mark.parametrize("model_type", ALL_TYPES)

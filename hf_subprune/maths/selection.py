@@ -465,7 +465,7 @@ def _ridge_terms(prob: _Problem, weight: torch.Tensor, cols: torch.Tensor) -> fl
     lam = prob.lam_exact.to(weight)
     if prob.prior is None:
         return float(lam[cols] @ weight.square().sum(0))
-    own = prob.prior.to(weight).square().sum(0)  # ||P_j||^2
+    own = torch.linalg.vector_norm(prob.prior.to(weight), dim=0).square()  # ||P_j||^2, no m x d temporary
     total = float(lam @ own)
     for lo in range(0, cols.numel(), STATISTICS_PANEL):
         part = cols[lo : lo + STATISTICS_PANEL]
