@@ -221,7 +221,7 @@ def table(rows: list[dict], env: dict) -> str:
         lines.append(f"| {r['size']} | {r['parameters']:,} | {s['hidden']} / {s['mlp']} / {s['layers']} / "
                      f"{s['heads']} / {s['kv_heads']} | {r['disk_bytes'] / 2**30:.2f} | {r.get('commit', '-')} "
                      f"| {r.get('mmap_threshold') or '-'} | {r.get('threads') or '-'} "
-                     f"| {' '.join(f'`{a}`' for a in r.get('prune_args') or []) or '-'} | {r['seconds']:.0f} "
+                     f"| {'`' + ' '.join(r['prune_args']) + '`' if r.get('prune_args') else '-'} | {r['seconds']:.0f} "
                      f"| {rate:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['peak_above_import_over_disk']:.2f} "
                      f"({ok}) |")
     runs: dict[str, dict] = {}  # run -> (dtype, code) -> row: speed-ups compare rows of one run only
