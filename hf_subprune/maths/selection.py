@@ -342,6 +342,7 @@ class _Problem:
     own: torch.Tensor  # undamped diagonal of G, to tell dead or dependent columns, in the solve dtype
     lam_exact: torch.Tensor  # per-column ridge lambda_j (d) in the exact dtype, where the gram is damped
     prior: torch.Tensor | None = None  # the m x d weight the ridge pulls towards (None: zero), as given
+    prior_sq: torch.Tensor | None = None  # ||P_j||^2 of its columns (d), in the exact dtype
 
     def to(self, dtype: torch.dtype) -> "_Problem":
         """The same problem for a solve in ``dtype``. Centring and ridge are done in the exact dtype before any
@@ -351,7 +352,7 @@ class _Problem:
         if dtype == self.cross.dtype:
             return self
         return _Problem(self.stats, self.mean, self.cross.to(dtype), self.target_sq, self.own.to(dtype),
-                        self.lam_exact, self.prior)
+                        self.lam_exact, self.prior, self.prior_sq)
 
     @property
     def lam(self) -> torch.Tensor:
@@ -426,14 +427,16 @@ def _problem(stats: SiteStatistics, bias_shift: bool, dtype: torch.dtype, dampin
         cross, target_sq = stats.cross, stats.target_sq
     lam = float(damping * own.mean().clamp_min(0)) if own.numel() else 0.0
     lam = lam + shrinkage * own.clamp_min(0)
+    prior_sq = None
     if prior is None or not bool((lam > 0).any()):
         prior = None
     else:
         w = prior.to(cross)
         # In place on the centred copy (a d x m term: 88 MB in float64 at d = 5632, m = 2048), never on the stats.
         cross = cross.addcmul_(lam[:, None], w.T) if bias_shift else torch.addcmul(cross, lam[:, None], w.T)
-        target_sq = target_sq + (lam * w.square().sum(0)).sum()
-    return _Problem(stats, mean, cross, float(target_sq), own, lam, prior).to(dtype)
+        prior_sq = torch.linalg.vector_norm(w, dim=0).square()  # no m x d temporary
+        target_sq = target_sq + lam @ prior_sq
+    return _Problem(stats, mean, cross, float(target_sq), own, lam, prior, prior_sq).to(dtype)
 
 
 def auto_shrinkage(stats: SiteStatistics) -> float:
@@ -465,7 +468,7 @@ def _ridge_terms(prob: _Problem, weight: torch.Tensor, cols: torch.Tensor) -> fl
     lam = prob.lam_exact.to(weight)
     if prob.prior is None:
         return float(lam[cols] @ weight.square().sum(0))
-    own = torch.linalg.vector_norm(prob.prior.to(weight), dim=0).square()  # ||P_j||^2, no m x d temporary
+    own = prob.prior_sq.to(weight)
     total = float(lam @ own)
     for lo in range(0, cols.numel(), STATISTICS_PANEL):
         part = cols[lo : lo + STATISTICS_PANEL]
