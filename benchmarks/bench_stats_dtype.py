@@ -55,6 +55,25 @@ def compare(a, b) -> dict:
                                                  for x, y in zip(a.sites, b.sites))}
 
 
+def record(row: dict, results: dict, result, out: Path) -> None:
+    """Keep ``result`` under its dtype, compare it with float64's cut when it is not float64's, append the row."""
+    results[row["dtype"]] = result
+    if row["dtype"] != DTYPES[0]:
+        row["against_float64"] = compare(results[DTYPES[0]], result)
+    print(json.dumps(row), flush=True)
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def against(row: dict) -> str:
+    """The comparison columns of a table row (dashes for the float64 run itself)."""
+    diff = row.get("against_float64")
+    if not diff:
+        return "- | - | -"
+    return f"{diff['sites_differing']} / {diff['sites']} | {diff['columns_swapped']} | " \
+           f"{diff['max_relative_error_difference']:.1e}"
+
+
 def table(rows: list[dict]) -> str:
     lines = ["# Statistics summed in float32 against float64", "",
              "SmolLM2-135M, WikiText-2 valid calibration; perplexity on WikiText-2 test (in domain) and the pydoc "
@@ -64,11 +83,8 @@ def table(rows: list[dict]) -> str:
              "swapped | error difference |",
              "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in [r for r in rows if r.get("model", "smollm2") == "smollm2"]:
-        diff = r.get("against_float64")
-        tail = (f"{diff['sites_differing']} / {diff['sites']} | {diff['columns_swapped']} | "
-                f"{diff['max_relative_error_difference']:.1e}") if diff else "- | - | -"
         lines.append(f"| {r['run']} | {r['commit']} | {r['sparsity']:.0%} | {r['num_samples']} x {r['seq_len']} | "
-                     f"{r['dtype']} | {r['seconds']:.0f} | {r['wikitext']:.3f} | {r['pydoc']:.3f} | {tail} |")
+                     f"{r['dtype']} | {r['seconds']:.0f} | {r['wikitext']:.3f} | {r['pydoc']:.3f} | {against(r)} |")
     minilm = [r for r in rows if r.get("model") == "minilm"]
     if minilm:
         lines += ["", "## all-MiniLM-L6-v2", "", "n SST-2 train sentences, one per sample (seed 0); cosine: mean cosine "
@@ -79,11 +95,8 @@ def table(rows: list[dict]) -> str:
                   "| columns swapped | error difference |",
                   "| --- | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in minilm:
-            diff = r.get("against_float64")
-            tail = (f"{diff['sites_differing']} / {diff['sites']} | {diff['columns_swapped']} | "
-                    f"{diff['max_relative_error_difference']:.1e}") if diff else "- | - | -"
             lines.append(f"| {r['run']} | {r['commit']} | {r['sparsity']:.0%} | {r['n']} ({r['tokens']}) | "
-                         f"{r['chosen_on']} | {r['dtype']} | {r['seconds']:.0f} | {r['cosine']:.5f} | {tail} |")
+                         f"{r['chosen_on']} | {r['dtype']} | {r['seconds']:.0f} | {r['cosine']:.5f} | {against(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -111,12 +124,7 @@ def run_minilm(args, out: Path, run: str, code: str) -> None:
                 row = {"model": "minilm", "run": run, "commit": code, "sparsity": sparsity, "n": n,
                        "tokens": int(mask.sum()), "chosen_on": "/".join(chosen), "dtype": dtype, "seconds": seconds,
                        "threads": args.threads, "cosine": cosine}
-                results[dtype] = result
-                if dtype != DTYPES[0]:
-                    row["against_float64"] = compare(results[DTYPES[0]], result)
-                print(json.dumps(row), flush=True)
-                with out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                record(row, results, result, out)
 
 
 def main() -> None:
@@ -159,12 +167,7 @@ def run_smollm2(args, out: Path, run: str, code: str) -> None:
                    "seq_len": args.seq_len, "dtype": dtype, "seconds": seconds, "threads": args.threads,
                    **{name: perplexity(result.model, tokenizer, text, max_tokens=args.eval_tokens)["perplexity"]
                       for name, text in texts.items()}}
-            results[dtype] = result
-            if dtype != DTYPES[0]:
-                row["against_float64"] = compare(results[DTYPES[0]], result)
-            print(json.dumps(row), flush=True)
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            record(row, results, result, out)
         del results
 
 

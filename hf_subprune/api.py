@@ -340,9 +340,9 @@ def prune(
         raise ValueError(f"{len(input_ids)} calibration samples cannot be shared by {world} processes: "
                          "give at least one sample per process (num_samples)")
     device = compute_device(config.device)
-    # What ran, in the report and the card: "auto" resolved for this device.
+    # What ran, in the report and the card: "auto" resolved for this model.
     weights_dtype = next((p.dtype for p in blocks[0].parameters() if p.is_floating_point()), None)
-    summed_in = accumulator_dtype(config.stats_dtype, device, config.shrinkage, weights_dtype)
+    summed_in = accumulator_dtype(config.stats_dtype, config.shrinkage, weights_dtype)
     config = dataclasses.replace(config, stats_dtype=str(summed_in).removeprefix("torch."))
     show = progress and rank == 0
     measured = time.perf_counter()

@@ -38,7 +38,7 @@ def test_forwards_on_the_gpu_match_the_cpu_and_put_everything_back():
 def test_a_cut_on_the_gpu_gives_the_cpus_model():
     ids = calibration_ids(n=16, seq_len=32)
     pruned = {}
-    for device in ("cpu", "cuda"):  # statistics summed in float32 on both (on the GPU, the default)
+    for device in ("cpu", "cuda"):  # statistics summed in float32 on both (the default)
         model = tiny_model("llama")
         prune(model, input_ids=ids, sparsity=0.3, budget="uniform", device=device, stats_dtype="float32",
               progress=False)
@@ -67,7 +67,7 @@ def test_evaluation_and_reload_check_run_on_the_gpu(lazy, tmp_path):
 
     result = prune(model, input_ids=ids, sparsity=0.3, device="cuda", dtype=dtype, evaluate=evaluate,
                    progress=False)
-    assert result.config.stats_dtype == "float32"  # "auto" on the GPU
+    assert result.config.stats_dtype == "float32"  # "auto" for a bfloat16 model
     assert seen == ["cuda", "cuda"]
     torch.cuda.reset_peak_memory_stats()
     path = result.save(tmp_path / "out")

@@ -138,11 +138,11 @@ def test_results_do_not_depend_on_batch_size():
 def test_statistics_summed_in_float32_cut_as_float64_does():
     """``stats_dtype="auto"`` sums in float32 (float64 for a float64 model or without shrinkage): the same cut as
     float64's, up to the refit's rounding."""
-    assert accumulator_dtype("auto", "cpu") == accumulator_dtype("auto", "cuda:1") == torch.float32
-    assert accumulator_dtype("auto", "mps", model_dtype=torch.bfloat16) == torch.float32
-    assert accumulator_dtype("float64", "cuda") == accumulator_dtype("auto", "cuda", shrinkage=0) == torch.float64
-    assert accumulator_dtype("auto", "cpu", model_dtype=torch.float64) == torch.float64
-    assert accumulator_dtype("auto", "cuda", shrinkage=None) == torch.float32  # None: the automatic shrinkage, >= 1
+    assert accumulator_dtype("auto") == accumulator_dtype("auto", model_dtype=torch.bfloat16) == torch.float32
+    assert accumulator_dtype("float64") == accumulator_dtype("auto", shrinkage=0) == torch.float64
+    assert accumulator_dtype("auto", model_dtype=torch.float64) == accumulator_dtype("float64") == torch.float64
+    assert accumulator_dtype("float32", model_dtype=torch.float64) == torch.float32  # as asked
+    assert accumulator_dtype("auto", shrinkage=None) == torch.float32  # None: the automatic shrinkage, >= 1
     kept, weights = [], []
     for dtype in ("float64", "float32"):
         model = tiny_model("llama")

@@ -55,4 +55,3 @@ def test_prune_reports_which_error_each_site_chose_on():
     assert {s.diagnostics["selection_error"] for s in few.sites} == {"original"}
     assert {s.diagnostics["selection_error"] for s in many.sites} == {"refit"}
     assert few.config.selection_error == "auto"
-

@@ -60,7 +60,7 @@ def curve_pass(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
     """One pass through the original model (layerwise statistics) giving each site's error at every width it may
     take: the full greedy curve of every MLP, and one quota-constrained greedy per valid head count of every
     attention site."""
-    dtype = accumulator_dtype(cfg.stats_dtype, device, cfg.shrinkage)
+    dtype = accumulator_dtype(cfg.stats_dtype, cfg.shrinkage)
     layerwise = VARIANTS["layerwise"]
     options: list[SiteOptions] = []
     for step in walk_blocks(model, inputs, device, cfg.offload_device, desc="error curves", show=show):

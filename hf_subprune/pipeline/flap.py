@@ -260,7 +260,7 @@ def _cut(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConf
     ``biased`` site kinds (whose config flag is set), here, where the block is in memory; returns the reports and
     the bias parameters added per kind (to the consumers, to the other modules the flag covers)."""
     offload = torch.device(cfg.offload_device)
-    dtype = accumulator_dtype(cfg.stats_dtype, device, cfg.shrinkage)
+    dtype = accumulator_dtype(cfg.stats_dtype, cfg.shrinkage)
     last = max((u.block for u in units if u.cut), default=-1)
     reports: list[SiteReport] = []
     added = {kind: (0, 0) for kind in biased}

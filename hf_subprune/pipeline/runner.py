@@ -103,7 +103,7 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
                  device, show: bool = True) -> list[SiteReport]:
     """Prune every block in place to its widths (one ``Widths`` per block); one report per pruned site."""
     variant = VARIANTS[cfg.variant]
-    dtype = accumulator_dtype(cfg.stats_dtype, device, cfg.shrinkage)
+    dtype = accumulator_dtype(cfg.stats_dtype, cfg.shrinkage)
     reports: list[SiteReport] = []
     correction = cfg.drift_correction or 0.0  # resolved by prune(); the config allows it on uncut-block targets only
     dense = list(inputs.hidden) if correction else None  # the dense model's stream, for the drift correction

@@ -17,15 +17,15 @@ __all__ = ["accumulator_dtype", "collect_statistics", "dense_targets", "site_inp
            "residual_weights"]
 
 
-def accumulator_dtype(choice: str, device, shrinkage: float | None = None,
-                      model_dtype: torch.dtype | None = None) -> torch.dtype:
-    """The dtype the statistics are summed in (``PruneConfig.stats_dtype``). The products are float32 whatever it is
-    (float64 for a float64 model; ``SiteStatistics.update``): it only sets how the batches' sums add up, and the
-    dtype of the refit that solves from them. ``auto``: float32, half the memory (a d x d float64 gram of an 8B
-    model's MLP takes 1.6 GB; at a 1B model's, 0.25 GB, with the float64 problem and refit beside it, the CPU prune's
-    peak fell from 1.97 to 1.20 GiB and its time by 18%), and what a float32 product already resolves; float64 for a
-    float64 model (its products are exact to float64) and wherever ``shrinkage`` is 0: without its ridge a gram can be
-    singular up to the small damping, and the refit and its float64 fallback need the sums exact."""
+def accumulator_dtype(choice: str, shrinkage: float | None = None, model_dtype: torch.dtype | None = None
+                      ) -> torch.dtype:
+    """The dtype the statistics are summed in (``PruneConfig.stats_dtype``), and the dtype of the refit that solves
+    from them. The products are float32 whatever it is (float64 for a float64 model; ``SiteStatistics.update``), so
+    float64 sums would only make the addition of the batches exact. ``auto``: float32, on every device. It halves the
+    memory (a d x d float64 gram of an 8B model's MLP takes 1.6 GB; at a 1B model's MLP, with the float64 problem and
+    refit beside it, the CPU prune's peak fell from 1.97 to 1.20 GiB and its time by 18%). float64 for a float64 model
+    (its products are float64) and wherever ``shrinkage`` is 0: without its ridge a gram can be singular up to the
+    small damping, and the refit and its float64 fallback need the sums exact."""
     if choice != "auto":
         return getattr(torch, choice)
     if shrinkage == 0 or model_dtype == torch.float64:
