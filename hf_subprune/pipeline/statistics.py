@@ -13,7 +13,7 @@ from .capture import BlockInputs, HookSet, run_block
 from .sites import Site
 from .variants import Variant
 
-__all__ = ["accumulator_dtype", "collect_statistics", "dense_targets", "site_inputs", "consumer_inputs",
+__all__ = ["accumulator_dtype", "parameter_dtype", "collect_statistics", "dense_targets", "site_inputs", "consumer_inputs",
            "residual_weights"]
 
 
@@ -31,6 +31,12 @@ def accumulator_dtype(choice: str, shrinkage: float | None = None, model_dtype: 
     if shrinkage == 0 or model_dtype == torch.float64:
         return torch.float64
     return torch.float32
+
+
+def parameter_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of a module's first floating-point parameter (on the meta device too): the model's, for
+    ``accumulator_dtype``."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
 def _product(module: nn.Module, output: torch.Tensor) -> torch.Tensor:
