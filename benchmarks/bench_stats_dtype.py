@@ -87,8 +87,9 @@ def table(rows: list[dict]) -> str:
                      f"{r['dtype']} | {r['seconds']:.0f} | {r['wikitext']:.3f} | {r['pydoc']:.3f} | {against(r)} |")
     minilm = [r for r in rows if r.get("model") == "minilm"]
     if minilm:
-        lines += ["", "## all-MiniLM-L6-v2", "", "n SST-2 train sentences, one per sample (seed 0); cosine: mean cosine "
-                  "of the pruned model's mean-pooled embeddings of the SST-2 validation sentences to the dense model's. "
+        lines += ["", "## all-MiniLM-L6-v2", "", "n SST-2 train sentences, one per sample (seed 0); cosine: mean "
+                  "cosine of the pruned model's mean-pooled embeddings of the SST-2 validation sentences to the dense "
+                  "model's. "
                   "Chosen on: the error the greedy minimised at the MLP sites (the original columns' below a token "
                   "per four columns).", "",
                   "| run | commit | sparsity | n (tokens) | chosen on | dtype | seconds | cosine | sites differing "

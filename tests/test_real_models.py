@@ -122,6 +122,7 @@ def test_layer_greedy_fs_on_float32_sums_picks_as_on_the_same_sums_in_float64():
         widened, _ = layer_greedy_fs(summed.to(dtype=torch.float64), weight.double(), layout, 1101)
         assert picked == widened, layer
 
+
 def test_gguf_is_parsed_once_and_loads_as_transformers_loads_it():
     """``one_gguf_parse``: one reader for the config, tokenizer and weights, and the same tokenizer and config as
     transformers' own three parses; gguf-py is left as it was."""

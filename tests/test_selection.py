@@ -135,8 +135,8 @@ def assert_curve_close(curve: torch.Tensor, ref: torch.Tensor, target_sq: float,
 SHAPES = [(1, 20, 12), (8, 64, 5)]
 
 
-@pytest.fixture(params=[(selection.GREEDY_BLOCK, selection.GREEDY_COMPACT), (2, selection.GREEDY_COMPACT), (2, 3)],
-                ids=["default", "block2", "block2-compact3"])
+@pytest.fixture(params=[(selection.GREEDY_BLOCK, selection.GREEDY_COMPACT), (2, selection.GREEDY_COMPACT),
+                        (2, 3)], ids=["default", "block2", "block2-compact3"])
 def greedy_block(request, monkeypatch):
     """The single-column greedy's block size and compaction: the defaults; blocks small enough that the tests'
     problems cross several block updates (picks moved out of the updates after every block); and picks carried
@@ -232,7 +232,8 @@ def test_refit_of_no_columns_is_the_mean():
     assert error == pytest.approx(float((y - y.mean(0)).square().sum()), rel=1e-9)
 
 
-def direct_sum(b: torch.Tensor, y: torch.Tensor, cols: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> float:
+def direct_sum(b: torch.Tensor, y: torch.Tensor, cols: torch.Tensor, weight: torch.Tensor,
+               shift: torch.Tensor) -> float:
     """``sum_t ||y_t - W b_{t,S} - c||^2`` on the activations themselves."""
     return float((y - b[:, cols] @ weight.T - shift).square().sum())
 
