@@ -180,18 +180,18 @@ def run_demo(args, python: str) -> list[dict]:
                 env["HF_SUBPRUNE_CACHE"] = str(Path(tmp) / f"cache-{dtype}")
                 if args.threads:
                     env["OMP_NUM_THREADS"] = str(args.threads)
-                run = run_measured([python, "-m", "hf_subprune", *DEMO, "--dtype", dtype, "--output", str(out)],
-                                   env=env, cwd=tmp)
-                if run["returncode"] != 0:
-                    print(run["output_tail"], flush=True)
+                measured = run_measured([python, "-m", "hf_subprune", *DEMO, "--dtype", dtype, "--output", str(out)],
+                                        env=env, cwd=tmp)
+                if measured["returncode"] != 0:
+                    print(measured["output_tail"], flush=True)
                 report = out / "subprune_report.json"
                 quality = json.loads(report.read_text()).get("evaluation", {}) if report.exists() else {}
                 rows.append({"case": "demo", "run": run, "size": label, "dtype": dtype,
                              "threads": args.threads or None,
-                             "ref": ref, "seconds": run["seconds"], "returncode": run["returncode"],
-                             "peak_rss_bytes": run["peak_rss_bytes"], "evaluation": quality})
-                print(f"demo {label} ({ref}, --dtype {dtype}): {run['seconds']:.0f} s, peak "
-                      f"{run['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+                             "ref": ref, "seconds": measured["seconds"], "returncode": measured["returncode"],
+                             "peak_rss_bytes": measured["peak_rss_bytes"], "evaluation": quality})
+                print(f"demo {label} ({ref}, --dtype {dtype}): {measured['seconds']:.0f} s, peak "
+                      f"{measured['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
     return rows
