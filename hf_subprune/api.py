@@ -26,7 +26,7 @@ from .pipeline.capture import capture_block_inputs, find_blocks
 from .pipeline.flap import MODEL_PASSES
 from .pipeline.lazy import lazy_blocks
 from .pipeline.runner import SiteReport, prune_blocks
-from .pipeline.statistics import accumulator_dtype, parameter_dtype
+from .pipeline.statistics import summed_dtype
 from .pipeline.surgery import update_config
 from .pipeline.variants import drift_correction_for
 from .pipeline.widths import Widths, site_costs
@@ -341,7 +341,7 @@ def prune(
                          "give at least one sample per process (num_samples)")
     device = compute_device(config.device)
     # What ran, in the report and the card: "auto" resolved for this model.
-    summed_in = accumulator_dtype(config.stats_dtype, config.shrinkage, parameter_dtype(model))
+    summed_in = summed_dtype(config, model)
     config = dataclasses.replace(config, stats_dtype=str(summed_in).removeprefix("torch."))
     show = progress and rank == 0
     measured = time.perf_counter()

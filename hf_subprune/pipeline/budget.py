@@ -22,7 +22,7 @@ from .capture import BlockInputs, find_blocks
 from .flap import fluctuation_widths
 from .runner import shrinkage_for
 from .sites import attention_site, mlp_site
-from .statistics import accumulator_dtype, collect_statistics, parameter_dtype
+from .statistics import collect_statistics, summed_dtype
 from .variants import VARIANTS
 from .widths import Widths, head_options, site_costs, uniform_widths, widths_from_options
 
@@ -60,7 +60,7 @@ def curve_pass(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: Pru
     """One pass through the original model (layerwise statistics) giving each site's error at every width it may
     take: the full greedy curve of every MLP, and one quota-constrained greedy per valid head count of every
     attention site."""
-    dtype = accumulator_dtype(cfg.stats_dtype, cfg.shrinkage, parameter_dtype(model))
+    dtype = summed_dtype(cfg, model)
     layerwise = VARIANTS["layerwise"]
     options: list[SiteOptions] = []
     for step in walk_blocks(model, inputs, device, cfg.offload_device, desc="error curves", show=show):

@@ -34,7 +34,7 @@ from .blocks import walk_blocks
 from .capture import BlockInputs, HookSet, find_blocks, run_block
 from .runner import SiteReport
 from .sites import Site, attention_site, mlp_site
-from .statistics import accumulator_dtype, parameter_dtype
+from .statistics import summed_dtype
 from .surgery import add_consumer_bias, apply_selection, lacks_consumer_bias
 from .widths import SiteCosts, Widths, site_costs
 
@@ -260,7 +260,7 @@ def _cut(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: PruneConf
     ``biased`` site kinds (whose config flag is set), here, where the block is in memory; returns the reports and
     the bias parameters added per kind (to the consumers, to the other modules the flag covers)."""
     offload = torch.device(cfg.offload_device)
-    dtype = accumulator_dtype(cfg.stats_dtype, cfg.shrinkage, parameter_dtype(model))
+    dtype = summed_dtype(cfg, model)
     last = max((u.block for u in units if u.cut), default=-1)
     reports: list[SiteReport] = []
     added = {kind: (0, 0) for kind in biased}

@@ -18,7 +18,7 @@ from .blocks import walk_blocks
 from .capture import BlockInputs
 from .memory import release_freed_memory
 from .sites import Site, block_sites
-from .statistics import accumulator_dtype, collect_statistics, dense_targets, parameter_dtype
+from .statistics import collect_statistics, dense_targets, summed_dtype
 from .surgery import apply_selection
 from .variants import VARIANTS
 from .widths import Widths, site_costs
@@ -103,7 +103,7 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
                  device, show: bool = True) -> list[SiteReport]:
     """Prune every block in place to its widths (one ``Widths`` per block); one report per pruned site."""
     variant = VARIANTS[cfg.variant]
-    dtype = accumulator_dtype(cfg.stats_dtype, cfg.shrinkage, parameter_dtype(model))
+    dtype = summed_dtype(cfg, model)
     reports: list[SiteReport] = []
     correction = cfg.drift_correction or 0.0  # resolved by prune(); the config allows it on uncut-block targets only
     dense = list(inputs.hidden) if correction else None  # the dense model's stream, for the drift correction

@@ -7,14 +7,15 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter
+from ..config import PruneConfig
 from ..distributed import reduce_sum
 from ..maths.selection import SiteStatistics
 from .capture import BlockInputs, HookSet, run_block
 from .sites import Site
 from .variants import Variant
 
-__all__ = ["accumulator_dtype", "parameter_dtype", "collect_statistics", "dense_targets", "site_inputs", "consumer_inputs",
-           "residual_weights"]
+__all__ = ["accumulator_dtype", "summed_dtype", "collect_statistics", "dense_targets", "site_inputs",
+           "consumer_inputs", "residual_weights"]
 
 
 def accumulator_dtype(choice: str, shrinkage: float | None = None, model_dtype: torch.dtype | None = None
@@ -33,10 +34,11 @@ def accumulator_dtype(choice: str, shrinkage: float | None = None, model_dtype: 
     return torch.float32
 
 
-def parameter_dtype(module: nn.Module) -> torch.dtype | None:
-    """The dtype of a module's first floating-point parameter (on the meta device too): the model's, for
-    ``accumulator_dtype``."""
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+def summed_dtype(cfg: PruneConfig, model: nn.Module) -> torch.dtype:
+    """``accumulator_dtype`` for a run of ``cfg`` on ``model``: the model's dtype is its first floating-point
+    parameter's (on the meta device too, for a lazy model)."""
+    model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return accumulator_dtype(cfg.stats_dtype, cfg.shrinkage, model_dtype)
 
 
 def _product(module: nn.Module, output: torch.Tensor) -> torch.Tensor:
