@@ -4,8 +4,8 @@ Two cases, each run as a separate process (``python -m hf_subprune prune ...``) 
 children's, is sampled every 20 ms (psutil):
 
 - ``synthetic``: Llama models with random bf16 weights written to disk (sharded above 1 GB) at about 0.1B,
-  0.35B and 1.2B parameters (``SIZES``), the SmolLM2 tokenizer next to them; each pruned at 20% from 8 x 256 tokens
-  of the built-in text. Reported: seconds, peak RSS above a bare ``import hf_subprune`` (measured the same way),
+  0.35B and 1.2B parameters (``SIZES``; 3B on request), the SmolLM2 tokenizer next to them; each pruned at 20%
+  from 8 x 256 tokens of the built-in text. Reported: seconds, peak RSS above a bare ``import hf_subprune`` (measured the same way),
   that peak as a fraction of the checkpoint's size on disk (goal < 0.3), and seconds per (parameter x token)
   relative to the smallest size (goal: not growing).
 - ``demo``: the README's first command (SmolLM2-135M, 20%, 32 x 256 tokens, --evaluate) with the code at --before
@@ -15,6 +15,7 @@ children's, is sampled every 20 ms (psutil):
 
     python benchmarks/bench_scale.py                        # both cases
     python benchmarks/bench_scale.py --cases synthetic --sizes 0.1b,0.35b
+    python benchmarks/bench_scale.py --cases synthetic --sizes 3b    # Llama-3.2-3B's shape, ~20 min on one core
 
 Rows accumulate in benchmarks/results/scale_cpu.jsonl (a rerun replaces rows with the same key) and the table
 scale_cpu.md is rewritten from them.
@@ -45,7 +46,12 @@ SIZES = {
     "0.1b": (768, 2048, 12, 12, 4),
     "0.35b": (1024, 2816, 24, 16, 4),
     "1.2b": (2048, 5632, 24, 32, 4),
+    "3b": (3072, 8192, 28, 24, 8),  # Llama-3.2-3B's shape; not run by default (about 20 minutes on one core)
 }
+DEFAULT_SIZES = ["0.1b", "0.35b", "1.2b"]
+FLOAT32_INIT = {"0.1b", "0.35b", "1.2b"}
+"""Sizes initialised in float32 and cast to bfloat16 (the weights their earlier rows had); larger ones are drawn in
+bfloat16 directly, since the float32 model and its bfloat16 cast would need 18 GB at 3B."""
 WARM = "after, cache warm"
 DEMO = ["prune", "smollm2", "--sparsity", "0.2", "--num-samples", "32", "--seq-len", "256", "--evaluate"]
 
@@ -114,7 +120,15 @@ def write_synthetic(name: str, folder: Path, seed: int = 0) -> tuple[int, int]:
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        if name in FLOAT32_INIT:
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
+        else:
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(torch.bfloat16)
+            try:
+                model = LlamaForCausalLM(config)
+            finally:
+                torch.set_default_dtype(default)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     model.save_pretrained(folder, max_shard_size="1GB")
     tokenizer.save_pretrained(folder)
@@ -262,7 +276,8 @@ def table(rows: list[dict], env: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="synthetic,demo", help="comma-separated: synthetic, demo")
-    parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated of {', '.join(SIZES)}")
+    parser.add_argument("--sizes", default=",".join(DEFAULT_SIZES),
+                        help=f"comma-separated of {', '.join(SIZES)} (default: {', '.join(DEFAULT_SIZES)})")
     parser.add_argument("--before", default="7c33c50", help="git ref of the 'before' demo run (default: %(default)s, "
                         "the code when the scale issue was filed)")
     parser.add_argument("--demo-dtypes", default="auto,bfloat16",

@@ -217,6 +217,29 @@ def test_asymmetric_refit_is_least_squares_on_the_uncut_block_output(model_type)
     assert grads["asymmetric"] < 1e-3 * grads["sequential"]
 
 
+@pytest.mark.parametrize("variant, copies", [("asymmetric", False), ("sequential", False), ("layerwise", True)])
+def test_only_the_layerwise_variant_copies_a_block(variant, copies, monkeypatch):
+    """The asymmetric target reads the uncut block's outputs, taken before the block's first cut, instead of an
+    uncut copy of the block (a block of memory: 1.7 GB at a 70B model); only the layerwise variant, whose inputs
+    and stream are the uncut block's, copies it."""
+    import hf_subprune.pipeline.runner as runner
+
+    copied = []
+    real = copy.deepcopy
+
+    def spy(x, *args):
+        if isinstance(x, torch.nn.Module):
+            copied.append(type(x))
+        return real(x, *args)
+
+    monkeypatch.setattr(runner.copy, "deepcopy", spy)
+    model = tiny_model("llama")
+    prune(model, input_ids=calibration_ids(), mlp_sparsity=0.3, attention_sparsity=0.5, variant=variant,
+          synthetic_samples=0, progress=False)
+    _, blocks = find_blocks(model)
+    assert copied == ([type(blocks[0])] * len(blocks) if copies else [])
+
+
 @pytest.mark.parametrize("model_type", [*GQA_TYPES, "gpt2"])
 def test_full_drift_correction_refits_towards_the_dense_model_stream(model_type):
     """With ``drift_correction=1`` the MLP target is the dense model's stream after the block, less the cut

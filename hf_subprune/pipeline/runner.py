@@ -18,7 +18,7 @@ from .blocks import walk_blocks
 from .capture import BlockInputs
 from .memory import release_freed_memory
 from .sites import Site, block_sites
-from .statistics import collect_statistics, dense_targets, summed_dtype
+from .statistics import collect_statistics, dense_targets, summed_dtype, uncut_outputs
 from .surgery import apply_selection
 from .variants import VARIANTS
 from .widths import Widths, site_costs
@@ -121,13 +121,16 @@ def prune_blocks(model: nn.Module, adapter: Adapter, inputs: BlockInputs, cfg: P
         start = time.perf_counter()
         if dense is not None:  # before any cut: the block is the dense model's
             after, dense = dense_targets(block, sites, inputs, dense, device)
+        # The uncut block's outputs that the later sites' targets need, read before the first cut.
+        uncut_after = (uncut_outputs(block, sites[1:], inputs, step.hidden, device)
+                       if variant.target == "uncut_block" else {})
         for number, site in enumerate(sites):
             t0 = start if number == 0 else time.perf_counter()  # the first site's time includes the dense targets
-            # Before the block's first cut, its uncut copy computes what the block does: read one of them.
-            uncut = original if number else block
-            stats = collect_statistics(site, adapter, block, uncut, inputs, step.hidden, variant, device, dtype,
-                                       cfg.token_weights, dense_after=after.pop(site.name, None),
-                                       drift_correction=correction)
+            # Before the block's first cut, its uncut copy (layerwise) computes what the block does: read one of them.
+            stats = collect_statistics(site, adapter, block, original if number else block, inputs, step.hidden,
+                                       variant, device, dtype, cfg.token_weights,
+                                       dense_after=after.pop(site.name, None), drift_correction=correction,
+                                       uncut=uncut_after.pop(site.name, None))
             release_freed_memory()  # the activations the statistics were built from, before the selection's buffers
             t1 = time.perf_counter()
             report = _prune_site(site, adapter, block, stats, cfg, step.index)

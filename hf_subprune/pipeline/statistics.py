@@ -14,8 +14,8 @@ from .capture import BlockInputs, HookSet, run_block
 from .sites import Site
 from .variants import Variant
 
-__all__ = ["accumulator_dtype", "summed_dtype", "collect_statistics", "dense_targets", "site_inputs",
-           "consumer_inputs", "residual_weights"]
+__all__ = ["accumulator_dtype", "summed_dtype", "collect_statistics", "dense_targets", "uncut_outputs",
+           "site_inputs", "consumer_inputs", "residual_weights"]
 
 
 def accumulator_dtype(choice: str, shrinkage: float | None = None, model_dtype: torch.dtype | None = None
@@ -77,6 +77,32 @@ def site_inputs(block: nn.Module, site: Site, inputs: BlockInputs, hidden: list[
     return (x, inputs.rows(index, residual), *product_rows)
 
 
+def _site_outputs(block: nn.Module, sites: list[Site], inputs: BlockInputs, stream: list[torch.Tensor], index: int,
+                  device, *, whole: bool) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """One forward of ``block`` on batch ``index`` of ``stream``: each site's consumer output less its bias and the
+    residual stream it is added to (real tokens x features, as the forward computed them), and with ``whole`` the
+    block's output (else the forward stops after the last site's consumer and None takes its place)."""
+    seen: dict[tuple[str, str], torch.Tensor] = {}
+    with HookSet() as hooks:
+        for site in sites:
+            hooks.hook(block.get_submodule(site.consumer),
+                       lambda module, args, output, key=(site.name, "product"):
+                       seen.__setitem__(key, _product(module, output)))
+            if site.residual is not None:
+                hooks.pre_hook(block.get_submodule(site.residual),
+                               lambda module, args, key=(site.name, "residual"): seen.__setitem__(key, args[0]))
+        if whole:
+            out = run_block(block, inputs, stream, index, device)
+        else:
+            out = run_block(block, inputs, stream, index, device, stop_at=block.get_submodule(sites[-1].consumer),
+                            on_input=lambda x: None, on_output=lambda y: None)
+    # No residual module: the site adds to the block's input (attention), the stream the forward took.
+    return {site.name: (inputs.rows(index, seen[(site.name, "product")]),
+                        inputs.rows(index, seen[(site.name, "residual")] if site.residual is not None
+                                    else stream[index]).to(device))
+            for site in sites}, out
+
+
 @torch.no_grad()
 def dense_targets(block: nn.Module, sites: list[Site], inputs: BlockInputs,
                   dense: list[torch.Tensor], device) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
@@ -87,23 +113,29 @@ def dense_targets(block: nn.Module, sites: list[Site], inputs: BlockInputs,
     after: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}
     outputs: list[torch.Tensor] = []
     for i in range(len(dense)):
-        seen: dict[tuple[str, str], torch.Tensor] = {}
-        with HookSet() as hooks:
-            for site in sites:
-                hooks.hook(block.get_submodule(site.consumer),
-                           lambda module, args, output, key=(site.name, "product"):
-                           seen.__setitem__(key, _product(module, output)))
-                if site.residual is not None:
-                    hooks.pre_hook(block.get_submodule(site.residual),
-                                   lambda module, args, key=(site.name, "residual"): seen.__setitem__(key, args[0]))
-            out = run_block(block, inputs, dense, i, device)
-        for site in sites:
-            # No residual module: the site adds to the block's input (attention), the stream the forward took.
-            residual = seen[(site.name, "residual")] if site.residual is not None else dense[i]
-            stream = inputs.rows(i, seen[(site.name, "product")]).float() + inputs.rows(i, residual).to(device).float()
-            after[site.name].append(stream.to(device=dense[i].device, dtype=dense[i].dtype))
+        found, out = _site_outputs(block, sites, inputs, dense, i, device, whole=True)
+        for name, (product, residual) in found.items():
+            after[name].append((product.float() + residual.float()).to(device=dense[i].device, dtype=dense[i].dtype))
         outputs.append(out.to(dense[i].device))
     return after, outputs
+
+
+@torch.no_grad()
+def uncut_outputs(block: nn.Module, sites: list[Site], inputs: BlockInputs, hidden: list[torch.Tensor],
+                  device) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """What the uncut-block target of ``sites`` reads from the block before its first cut: per site and batch of
+    the stream ``hidden``, the consumer's output less its bias and the residual stream it is added to, as the
+    forward computed them (real tokens x features, on ``device``). Kept instead of an uncut copy of the block:
+    two tokens x hidden tensors per site (16 MB at a 1B model's 2048 tokens) against the block's weights
+    (88 MB in bfloat16; 1.7 GB at a 70B model)."""
+    out: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {site.name: [] for site in sites}
+    if not sites:
+        return out
+    for i in range(len(hidden)):
+        found, _ = _site_outputs(block, sites, inputs, hidden, i, device, whole=False)
+        for name, pair in found.items():
+            out[name].append(pair)
+    return out
 
 
 def residual_weights(stream: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
@@ -120,12 +152,15 @@ def residual_weights(stream: torch.Tensor, outputs: torch.Tensor) -> torch.Tenso
 def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original: nn.Module, inputs: BlockInputs,
                        hidden: list[torch.Tensor], variant: Variant, device, dtype: torch.dtype,
                        token_weights: str = "none", dense_after: list[torch.Tensor] | None = None,
-                       drift_correction: float = 0.0) -> SiteStatistics:
+                       drift_correction: float = 0.0,
+                       uncut: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> SiteStatistics:
     """Sum the site's statistics over this process's batches of ``hidden`` (the stream entering the block),
-    then over processes. ``block`` is the block as cut so far, ``original`` an uncut copy of it, or ``block``
-    itself while nothing in it is cut (one partial forward per batch then serves both). ``dense_after``: the
-    dense model's stream after the site (``dense_targets``), which the uncut-block target moves towards by
-    ``drift_correction``."""
+    then over processes. ``block`` is the block as cut so far; ``original`` an uncut copy of it, or ``block``
+    itself while nothing in it is cut (one partial forward per batch then serves both), read by the variants
+    whose inputs or stream are the uncut block's. The uncut-block target reads ``uncut`` instead
+    (``uncut_outputs``, taken before the block's first cut), or ``block`` itself where it is None (nothing cut
+    yet). ``dense_after``: the dense model's stream after the site (``dense_targets``), which the uncut-block
+    target moves towards by ``drift_correction``."""
     weight = adapter.weight(original.get_submodule(site.consumer))
     d = weight.shape[1]
     weighted = token_weights == "residual"
@@ -134,13 +169,13 @@ def collect_statistics(site: Site, adapter: Adapter, block: nn.Module, original:
         # the site's original output plus what the block's earlier cuts changed in the stream.
         stats = SiteStatistics.zeros(d, weight.shape[0], device=device, dtype=dtype)
         for i in range(len(inputs.hidden)):
-            if original is block:  # nothing cut in this block yet: the uncut block computes the same
+            if uncut is None:  # nothing cut in this block yet: the block computes the uncut output itself
                 b, r_cut, y = site_inputs(block, site, inputs, hidden, i, device, product=True)
                 y = y.float()
             else:
                 b, r_cut = site_inputs(block, site, inputs, hidden, i, device)
-                _, r_orig, y = site_inputs(original, site, inputs, hidden, i, device, product=True)
-                y = y.float() + (r_orig.float() - r_cut.float())
+                y, r_orig = uncut[i]
+                y = y.to(device).float() + (r_orig.to(device).float() - r_cut.float())
             if drift_correction:
                 # The dense model's stream after the site, less the cut stream before it, is the target that would
                 # undo every earlier cut's drift; take that share of the way towards it.

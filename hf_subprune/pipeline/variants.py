@@ -32,7 +32,9 @@ class Variant:
 
     @property
     def needs_uncut_copy(self) -> bool:
-        return "original" in (self.inputs, self.stream) or self.target == "uncut_block"
+        """Whether the runner keeps an uncut copy of the block: the uncut-block target needs only the uncut
+        block's outputs, read before the first cut (``statistics.uncut_outputs``)."""
+        return "original" in (self.inputs, self.stream)
 
 
 VARIANTS: dict[str, Variant] = {
