@@ -310,9 +310,10 @@ def select(
         )
     else:
         k, part = check_budget(k, layout, part, per_class)
+        weight = weight.to(stats.gram)  # scores and picks in the statistics' dtype
         curve = torch.zeros(0)
         if spec.pick is not None:
-            kept, curve = spec.pick(stats, weight.to(stats.gram), layout, k, part, per_class)
+            kept, curve = spec.pick(stats, weight, layout, k, part, per_class)
         else:
             kept = _top_k(spec.score(stats, weight, layout, seed), k, part, per_class)
         cols = layout.kept_columns(kept)
@@ -322,6 +323,7 @@ def select(
                 stats, cols, damping=damping, bias_shift=bias_shift, prior=prior, shrinkage=shrinkage, site=site
             )
     if not refit_weights:
+        weight = weight.to(stats.gram)
         result.weight = weight[:, result.kept_columns.to(weight.device)].clone()
         result.bias_shift = torch.zeros(weight.shape[0], dtype=stats.gram.dtype, device=stats.gram.device)
         if spec.compensates_bias and stats.count > 0:
