@@ -78,10 +78,10 @@ def site_inputs(block: nn.Module, site: Site, inputs: BlockInputs, hidden: list[
 
 
 def _site_outputs(block: nn.Module, sites: list[Site], inputs: BlockInputs, stream: list[torch.Tensor], index: int,
-                  device, *, whole: bool) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+                  device) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """One forward of ``block`` on batch ``index`` of ``stream``: each site's consumer output less its bias and the
-    residual stream it is added to (real tokens x features, as the forward computed them), and with ``whole`` the
-    block's output (else the forward stops after the last site's consumer and None takes its place)."""
+    residual stream it is added to (real tokens x features, as the forward computed them), and the block's
+    output."""
     seen: dict[tuple[str, str], torch.Tensor] = {}
     with HookSet() as hooks:
         for site in sites:
@@ -91,11 +91,7 @@ def _site_outputs(block: nn.Module, sites: list[Site], inputs: BlockInputs, stre
             if site.residual is not None:
                 hooks.pre_hook(block.get_submodule(site.residual),
                                lambda module, args, key=(site.name, "residual"): seen.__setitem__(key, args[0]))
-        if whole:
-            out = run_block(block, inputs, stream, index, device)
-        else:
-            out = run_block(block, inputs, stream, index, device, stop_at=block.get_submodule(sites[-1].consumer),
-                            on_input=lambda x: None, on_output=lambda y: None)
+        out = run_block(block, inputs, stream, index, device)
     # No residual module: the site adds to the block's input (attention), the stream the forward took.
     return {site.name: (inputs.rows(index, seen[(site.name, "product")]),
                         inputs.rows(index, seen[(site.name, "residual")] if site.residual is not None
@@ -113,7 +109,7 @@ def dense_targets(block: nn.Module, sites: list[Site], inputs: BlockInputs,
     after: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}
     outputs: list[torch.Tensor] = []
     for i in range(len(dense)):
-        found, out = _site_outputs(block, sites, inputs, dense, i, device, whole=True)
+        found, out = _site_outputs(block, sites, inputs, dense, i, device)
         for name, (product, residual) in found.items():
             after[name].append((product.float() + residual.float()).to(device=dense[i].device, dtype=dense[i].dtype))
         outputs.append(out.to(dense[i].device))
@@ -132,7 +128,7 @@ def uncut_outputs(block: nn.Module, sites: list[Site], inputs: BlockInputs, hidd
     if not sites:
         return out
     for i in range(len(hidden)):
-        found, _ = _site_outputs(block, sites, inputs, hidden, i, device, whole=False)
+        found, _ = _site_outputs(block, sites, inputs, hidden, i, device)
         for name, pair in found.items():
             out[name].append(pair)
     return out
