@@ -223,7 +223,9 @@ def table(rows: list[dict], env: dict) -> str:
              "## Synthetic Llama models (random bf16 weights on disk), 20%, 8 x 256 tokens", "",
              "Malloc: `MALLOC_MMAP_THRESHOLD_` given to the prune process (glibc; `-` = its default, dynamic up to "
              "32 MB). Commit: the code measured. Threads: OMP_NUM_THREADS of the run (`-`: torch's default, or not "
-             "recorded before the twelfth session). Flags: --prune-args given to the prune beyond the defaults.", "",
+             "recorded before the twelfth session). Flags: --prune-args given to the prune beyond the defaults. 3b (Llama-3.2-3B's "
+             "shape, run on request) draws its random weights in bfloat16; the others draw them in float32 and "
+             "round.", "",
              "| size | parameters | shape (hidden / MLP / layers / heads / kv) | on disk GiB | commit | malloc "
              "| threads | flags | seconds | s per (B params x 1k tokens) | peak RSS GiB | peak above import / on disk "
              "(goal < 0.3) |",
