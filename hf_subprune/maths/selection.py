@@ -332,7 +332,7 @@ class _Problem:
     The d x d gram is not stored: the greedy writes ``G + diag(lambda)`` straight into its own state
     (``gram_into``) and a fit takes the kept columns' block (``sub_gram``), both from the raw statistics, centred
     and damped in the statistics' dtype there. At an MLP site of a 1B model (d = 5632) each d x d float64 copy is
-    254 MB, and the greedy's state already holds two.
+    254 MB, and the greedy's state is one such matrix already.
     """
 
     stats: SiteStatistics  # in the exact dtype (the statistics' dtype, at least the solve's)
@@ -666,14 +666,31 @@ class _Run:
     undecided: int
 
 
-def _symmetric_product(x: torch.Tensor, out: torch.Tensor, panels: int = 8) -> None:
-    """``out = x x^T``: the lower triangle by panels of rows (about half the products of one matmul), each
-    panel's block above the diagonal copied from its mirror."""
+PACKED_PANELS = 8
+"""Panels of rows of the greedy's packed block updates (``_greedy_neurons``): each panel updates its part left of
+the diagonal (G) or right of it (H) in one product, and its diagonal block through a small tile."""
+
+
+def _bounds(n: int, panels: int = PACKED_PANELS) -> list[tuple[int, int]]:
+    edges = [round(i * n / panels) for i in range(panels + 1)]
+    return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+
+
+def _product_above(x: torch.Tensor, out: torch.Tensor, tile: torch.Tensor) -> torch.Tensor:
+    """Write the strictly upper triangle of ``x x^T`` into ``out``, leaving its lower triangle as it is; returns the
+    diagonal. Each panel of columns against the rows before it: half the products of one matmul."""
     n = x.shape[0]
-    bounds = [round(i * n / panels) for i in range(panels + 1)]
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        torch.mm(x[lo:hi], x[:hi].T, out=out[lo:hi, :hi])
-        out[:lo, lo:hi] = out[lo:hi, :lo].T
+    diag = x.new_empty(n)
+    for lo, hi in _bounds(n):
+        if lo:
+            torch.mm(x[:lo], x[lo:hi].T, out=out[:lo, lo:hi])
+        t = tile[: (hi - lo) ** 2].view(hi - lo, hi - lo)
+        torch.mm(x[lo:hi], x[lo:hi].T, out=t)
+        diag[lo:hi] = t.diagonal()
+        block = out[lo:hi, lo:hi]
+        above = torch.ones(hi - lo, hi - lo, dtype=torch.bool, device=x.device).triu_(1)
+        block.copy_(torch.where(above, t, block))
+    return diag
 
 
 def _greedy_neurons(gram_into: Callable[[torch.Tensor], object], cross, lam: torch.Tensor, own: torch.Tensor, k: int,
@@ -681,22 +698,27 @@ def _greedy_neurons(gram_into: Callable[[torch.Tensor], object], cross, lam: tor
     """Single-column groups, right-looking and blocked.
 
     The state is the residual gram ``G_r = G - F F^T`` and ``H_r = C_r C_r^T`` (``C_r = C - F U``, the cross
-    term with the kept columns projected out), both d x d. Picking column j with pivot ``p^2 = G_r[j, j]``
-    gives the new factor column ``q = G_r[:, j] / p`` and ``C_r u = H_r[:, j] / p``, which update the
-    residual variances (``-q^2``) and ``||C_r[i]||^2`` (``-q (2 C_r u - q ||u||^2)``), so a step reads two
-    rows instead of C (d x m) and F (d x s). Rows are read as of the last block update and brought up to date
-    by the (at most ``GREEDY_BLOCK``) picks since, whose ``q`` and ``C_r u`` are kept; every block ends with
-    one rank-block update of the rows and columns still in play (matrix products; picks are moved out of
-    them once they are ``1 / GREEDY_COMPACT`` of them: at d = 5632 keeping 78%, a third fewer products than
-    updating whole rows, 13-15% less time). Steps make no host sync; a block makes one, to track the picks.
+    term with the kept columns projected out), both d x d and symmetric, packed into one d x d matrix: ``G_r``
+    below the diagonal, ``H_r`` above it, their diagonals beside it (at d = 5632 in float32, 127 MB instead of
+    254 MB). Picking column j with pivot ``p^2 = G_r[j, j]`` gives the new factor column ``q = G_r[:, j] / p``
+    and ``C_r u = H_r[:, j] / p``, which update the residual variances (``-q^2``) and ``||C_r[i]||^2``
+    (``-q (2 C_r u - q ||u||^2)``), so a step reads one row and one column of the packed matrix (both halves of
+    both) instead of C (d x m) and F (d x s). They are read as of the last block update and brought up to date by
+    the (at most ``GREEDY_BLOCK``) picks since, whose ``q`` and ``C_r u`` are kept; every block ends with one
+    rank-block update of the rows and columns still in play, each triangle by panels (``PACKED_PANELS``: about
+    two thirds of the time of updating two full matrices at d = 5632; a strided column read costs 0.1 ms a step).
+    Picks are moved out of the span once they are ``1 / GREEDY_COMPACT`` of it (at d = 5632 keeping 78%, a third
+    fewer products than updating whole rows). Steps make no host sync; a block makes one, to track the picks.
     ``gram_into`` writes the damped gram into the state, which is then the only d x d copy of it.
     """
     d, m = cross.shape
     dtype, device = cross.dtype, cross.device
     own = own.clamp_min(0)  # undamped: a dead column stays dead under the ridge
-    rows = torch.empty(2, d, d, dtype=dtype, device=device)  # [G_r; H_r], rows and columns permuted (``at``)
-    gram_into(rows[0])
-    _symmetric_product(cross, out=rows[1])
+    tile_side = -(-d // PACKED_PANELS) + 1
+    tile = torch.empty(tile_side * tile_side, dtype=dtype, device=device)  # a panel's diagonal block
+    packed = torch.empty(d, d, dtype=dtype, device=device)  # G_r below, H_r above; rows and columns permuted (``at``)
+    gram_into(packed)
+    diags = torch.stack([packed.diagonal().clone(), _product_above(cross, packed, tile)])  # [G_r; H_r] diagonals
     excess = own.clone()  # residual variance beyond the ridge: G_r[j, j] - lambda_j, without the cancellation
     norms = cross.square().sum(1)  # ||C_r[j]||^2
     threshold = tol * own
@@ -706,6 +728,7 @@ def _greedy_neurons(gram_into: Callable[[torch.Tensor], object], cross, lam: tor
     live_picks = torch.zeros(k, dtype=torch.bool, device=device)
     order = list(range(d))  # order[p]: the column at position p; the first ``span`` are kept up to date
     at = torch.arange(d, device=device)  # at[c]: the position of column c's row
+    positions = torch.arange(d, device=device)
     span, dead = d, []  # ``dead``: positions in the span that were picked
     # Buffers of the largest block, reused by every block (``GREEDY_WORKSPACE``).
     recent_all = torch.empty(2 * GREEDY_BLOCK, d, dtype=dtype, device=device)  # rows 2i, 2i+1: q, C_r u of pick i
@@ -723,8 +746,14 @@ def _greedy_neurons(gram_into: Callable[[torch.Tensor], object], cross, lam: tor
             jj = j.view(1)
             live_j = live.index_select(0, jj)
             scale = torch.where(live_j, resid.index_select(0, jj).rsqrt(), zero)  # 1 / p; 0 adds nothing
-            # The picked column's rows, back in column order (positions from ``span`` on are stale: picks).
-            row = rows.index_select(1, at.index_select(0, jj)).view(2, d).index_select(1, at)
+            # The picked column's rows of G_r and H_r: left of its position, G_r in its row and H_r in its column;
+            # right of it, the other way round; back in column order (positions from ``span`` on are stale).
+            a = at.index_select(0, jj)
+            along, across = packed.index_select(0, a).view(d), packed.index_select(1, a).view(d)
+            before = positions < a
+            row = torch.stack([torch.where(before, along, across), torch.where(before, across, along)])
+            row.index_copy_(1, a, diags.index_select(1, a))
+            row = row.index_select(1, at)
             if i:
                 # G_r[j] -= sum_l q_l q_l[j];  H_r[j] -= sum_l q_l (c_l[j] - |u_l|^2 q_l[j]) + c_l q_l[j]
                 col = recent[: 2 * i].index_select(1, jj).view(i, 2)  # (q_l[j], c_l[j])
@@ -751,14 +780,7 @@ def _greedy_neurons(gram_into: Callable[[torch.Tensor], object], cross, lam: tor
             holes = sorted(p for p in dead if p < new_span)
             movers = sorted(set(range(new_span, span)) - set(dead))
             if holes:
-                # By chunks, all rows before any column: holes lie before ``new_span`` and movers after it, so no
-                # chunk reads what another wrote, and no gather is larger than a chunk.
-                chunks = [(holes[i : i + GREEDY_WORKSPACE], movers[i : i + GREEDY_WORKSPACE])
-                          for i in range(0, len(holes), GREEDY_WORKSPACE)]
-                for h, mv in chunks:
-                    rows[:, h] = rows[:, mv]
-                for h, mv in chunks:
-                    rows[:, :new_span, h] = rows[:, :new_span, mv]
+                _move_packed(packed, diags, holes, movers, span, new_span, positions)
                 for h, mv in zip(holes, movers):
                     order[h] = order[mv]
                 at[[order[h] for h in holes]] = torch.tensor(holes, device=device)
@@ -774,12 +796,45 @@ def _greedy_neurons(gram_into: Callable[[torch.Tensor], object], cross, lam: tor
         torch.sub(c_b, x_b, out=x_b)
         xq[:b].copy_(x_b)
         xq[b:].copy_(q_b)
-        rows[0, :span, :span].addmm_(q_b.T, q_b, alpha=-1)
-        rows[1, :span, :span].addmm_(qx.T, xq, alpha=-1)
+        for lo, hi in _bounds(span):
+            if lo:  # G_r left of the panel's diagonal block
+                packed[lo:hi, :lo].addmm_(q_b[:, lo:hi].T, q_b[:, :lo], alpha=-1)
+            if hi < span:  # H_r right of it
+                packed[lo:hi, hi:span].addmm_(qx[:, lo:hi].T, xq[:, hi:span], alpha=-1)
+            t = tile[: (hi - lo) ** 2].view(hi - lo, hi - lo)
+            torch.mm(q_b[:, lo:hi].T, q_b[:, lo:hi], out=t)
+            diags[0, lo:hi] -= t.diagonal()
+            packed[lo:hi, lo:hi] -= t.tril_(-1)
+            torch.mm(qx[:, lo:hi].T, xq[:, lo:hi], out=t)
+            diags[1, lo:hi] -= t.diagonal()
+            packed[lo:hi, lo:hi] -= t.triu_(1)
     picked_dependent = torch.zeros(d, dtype=torch.bool, device=device).index_put_((kept,), ~live_picks)
     found_dependent = picked_dependent | (picker.available & (excess <= threshold))
     undecided = int((found_dependent & (own > 0)).sum())
     return _Run(kept.tolist(), gains.to(device="cpu", dtype=torch.float64), live_picks.cpu(), undecided)
+
+
+def _move_packed(packed: torch.Tensor, diags: torch.Tensor, holes: list[int], movers: list[int], span: int,
+                 new_span: int, positions: torch.Tensor) -> None:
+    """Give each hole (a picked position before ``new_span``) the rows and columns of G_r and H_r of its mover (a
+    candidate's position from ``new_span`` to ``span``), in the packed layout of ``_greedy_neurons``: a mover's
+    entries change triangle where a position lies between the hole and the mover. By chunks of
+    ``GREEDY_WORKSPACE`` movers; a chunk writes only rows and columns before ``new_span`` and reads only the
+    movers', so none reads what another wrote."""
+    device = packed.device
+    hole_t, mover_t = torch.tensor(holes, device=device), torch.tensor(movers, device=device)
+    for i in range(0, len(holes), GREEDY_WORKSPACE):
+        hs, ms = hole_t[i : i + GREEDY_WORKSPACE], mover_t[i : i + GREEDY_WORKSPACE]
+        along = packed.index_select(0, ms)[:, :span]  # packed[m, p]
+        across = packed[:span].index_select(1, ms).T  # packed[p, m]
+        before = positions[:span] < ms[:, None]
+        g_rows, h_rows = torch.where(before, along, across), torch.where(before, across, along)  # G_r[m], H_r[m]
+        g_new, h_new = g_rows[:, :new_span].clone(), h_rows[:, :new_span].clone()
+        g_new[:, hole_t], h_new[:, hole_t] = g_rows[:, mover_t], h_rows[:, mover_t]  # every mover at its hole
+        left = positions[:new_span] < hs[:, None]
+        packed[:, :new_span].index_copy_(0, hs, torch.where(left, g_new, h_new))
+        packed[:new_span].index_copy_(1, hs, torch.where(left, h_new, g_new).T)
+        diags[:, hs] = diags[:, ms]
 
 
 def _greedy_groups(gram, cross, own: torch.Tensor, k: int, r: int, picker: _Picker,
@@ -923,7 +978,7 @@ def greedy_select(
     as many columns as there are tokens without shrinkage (a gram singular up to the small damping at the end)
     go to float64 at once; with shrinkage the ridge holds every column's own energy and float32 resolves the
     late steps as well (the pipeline's default shrinkage ``max(1, d / tokens)``: at a 1B model's MLP, d = 5632,
-    from 2048 tokens, the greedy's two d x d matrices take 254 MB instead of 507).
+    from 2048 tokens, the greedy's packed d x d state takes 127 MB instead of 254).
     ``diagnostics["solve_dtype"]`` says which dtype the greedy's picks come from and
     ``diagnostics["solve_dtype_reason"]`` why.
 
