@@ -506,23 +506,26 @@ def _fit(prob: _Problem, cols: torch.Tensor, bias_shift: bool) -> _Fit:
     jittered = bool(int(info))
     if jittered:
         factor = _jittered_cholesky(prob.sub_gram(cols).to(cross.dtype))
-    # Right-hand solves on the m x |S| transposes: the same products, about twice as fast in CPU LAPACK.
-    whitened_t = torch.linalg.solve_triangular(factor.T, cross[cols].T, upper=True, left=False)  # U^T
-    weight = torch.linalg.solve_triangular(factor, whitened_t, upper=False, left=False)  # m x |S|, cols' order
+    # Right-hand solves on the m x |S| transposes (the same products, about twice as fast in CPU LAPACK), both in
+    # place in one buffer, gathered from C's transpose without an |S| x m copy: U^T, then the weights. At the 1.2B
+    # scale model's MLP this phase, not the greedy's, set the prune's peak (the factor and three m x |S| tensors).
+    weight = torch.index_select(cross.T, 1, cols)  # C_S^T, in cols' order
+    torch.linalg.solve_triangular(factor.T, weight, upper=True, left=False, out=weight)  # U^T
+    step_gains = weight.square().sum(0).to(device="cpu", dtype=torch.float64)
+    torch.linalg.solve_triangular(factor, weight, upper=False, left=False, out=weight)  # m x |S|, cols' order
+    pivots = factor.diagonal().square()
+    del factor
     ascending = torch.argsort(cols)
-    weight, cols = weight[:, ascending].contiguous(), cols[ascending]
-    step_gains = whitened_t.square().sum(0).to(device="cpu", dtype=torch.float64)
+    weight, cols = weight[:, ascending], cols[ascending]
     error = target_sq - float(step_gains.sum())
     if bias_shift:
         shift = target_sum / n - weight @ (stats.input_sum[cols].to(cross) / n)
     else:
         shift = cross.new_zeros(m)
-    pivots = factor.diagonal().square()
     diagnostics = {
         "damping": float(prob.lam.mean()),
         "condition_estimate": float(pivots.max() / pivots.min().clamp_min(torch.finfo(pivots.dtype).tiny)),
     }
-    del factor, whitened_t
     undamped = None if jittered else error - _ridge_terms(prob, weight, cols)
     return _Fit(weight, shift, error, step_gains, diagnostics, undamped)
 
