@@ -5,9 +5,9 @@ children's, is sampled every 20 ms (psutil):
 
 - ``synthetic``: Llama models with random bf16 weights written to disk (sharded above 1 GB) at about 0.1B,
   0.35B and 1.2B parameters (``SIZES``; 3B on request), the SmolLM2 tokenizer next to them; each pruned at 20%
-  from 8 x 256 tokens of the built-in text. Reported: seconds, peak RSS above a bare ``import hf_subprune`` (measured the same way),
-  that peak as a fraction of the checkpoint's size on disk (goal < 0.3), and seconds per (parameter x token)
-  relative to the smallest size (goal: not growing).
+  from 8 x 256 tokens of the built-in text. Reported: seconds, peak RSS above a bare ``import hf_subprune``
+  (measured the same way), that peak as a fraction of the checkpoint's size on disk (goal < 0.3), and seconds per
+  (parameter x token) relative to the smallest size (goal: not growing).
 - ``demo``: the README's first command (SmolLM2-135M, 20%, 32 x 256 tokens, --evaluate) with the code at --before
   (a git ref, checked out in a temporary worktree and put first on PYTHONPATH) and with this checkout, one after
   the other on the same machine, once per --demo-dtypes value (goal: >= 2x faster end to end). bfloat16 is what the
@@ -223,9 +223,9 @@ def table(rows: list[dict], env: dict) -> str:
              "## Synthetic Llama models (random bf16 weights on disk), 20%, 8 x 256 tokens", "",
              "Malloc: `MALLOC_MMAP_THRESHOLD_` given to the prune process (glibc; `-` = its default, dynamic up to "
              "32 MB). Commit: the code measured. Threads: OMP_NUM_THREADS of the run (`-`: torch's default, or not "
-             "recorded before the twelfth session). Flags: --prune-args given to the prune beyond the defaults. 3b (Llama-3.2-3B's "
-             "shape, run on request) draws its random weights in bfloat16; the others draw them in float32 and "
-             "round.", "",
+             "recorded before the twelfth session). Flags: --prune-args given to the prune beyond the defaults. "
+             "3b (Llama-3.2-3B's shape, run on request) draws its random weights in bfloat16; the others draw them "
+             "in float32 and round.", "",
              "| size | parameters | shape (hidden / MLP / layers / heads / kv) | on disk GiB | commit | malloc "
              "| threads | flags | seconds | s per (B params x 1k tokens) | peak RSS GiB | peak above import / on disk "
              "(goal < 0.3) |",

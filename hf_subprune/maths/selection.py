@@ -507,8 +507,8 @@ def _fit(prob: _Problem, cols: torch.Tensor, bias_shift: bool) -> _Fit:
     if jittered:
         factor = _jittered_cholesky(prob.sub_gram(cols).to(cross.dtype))
     # Right-hand solves on the m x |S| transposes (the same products, about twice as fast in CPU LAPACK), both in
-    # place in one buffer, gathered from C's transpose without an |S| x m copy: U^T, then the weights. At the 1.2B
-    # scale model's MLP this phase, not the greedy's, set the prune's peak (the factor and three m x |S| tensors).
+    # place in one buffer, gathered from C's transpose without an |S| x m copy: U^T, then the weights. Once the
+    # greedy's state was packed, this phase (the factor beside three m x |S| tensors) set a 1.2B model's peak.
     weight = torch.index_select(cross.T, 1, cols)  # C_S^T, in cols' order
     torch.linalg.solve_triangular(factor.T, weight, upper=True, left=False, out=weight)  # U^T
     step_gains = weight.square().sum(0).to(device="cpu", dtype=torch.float64)
