@@ -749,12 +749,9 @@ def _greedy_neurons(gram_into: Callable[[torch.Tensor], object], cross, lam: tor
             jj = j.view(1)
             live_j = live.index_select(0, jj)
             scale = torch.where(live_j, resid.index_select(0, jj).rsqrt(), zero)  # 1 / p; 0 adds nothing
-            # The picked column's rows of G_r and H_r: left of its position, G_r in its row and H_r in its column;
-            # right of it, the other way round; back in column order (positions from ``span`` on are stale).
+            # The picked column's rows of G_r and H_r, back in column order (positions from ``span`` on are stale).
             a = at.index_select(0, jj)
-            along, across = packed.index_select(0, a).view(d), packed.index_select(1, a).view(d)
-            before = positions < a
-            row = torch.stack([torch.where(before, along, across), torch.where(before, across, along)])
+            row = torch.cat(_packed_rows(packed, a, d, positions))
             row.index_copy_(1, a, diags.index_select(1, a))
             row = row.index_select(1, at)
             if i:
@@ -817,6 +814,17 @@ def _greedy_neurons(gram_into: Callable[[torch.Tensor], object], cross, lam: tor
     return _Run(kept.tolist(), gains.to(device="cpu", dtype=torch.float64), live_picks.cpu(), undecided)
 
 
+def _packed_rows(packed: torch.Tensor, at: torch.Tensor, span: int, positions: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of G_r and H_r (``len(at)`` x ``span``, in positions) of the positions ``at``, from the packed
+    layout of ``_greedy_neurons``: left of a position, G_r is in its row and H_r in its column; right of it, the
+    other way round. The diagonal entries are whatever the packed matrix holds there (``diags`` has them)."""
+    along = packed.index_select(0, at)[:, :span]  # packed[a, p]
+    across = packed[:span].index_select(1, at).T  # packed[p, a]
+    before = positions[:span] < at[:, None]
+    return torch.where(before, along, across), torch.where(before, across, along)
+
+
 def _move_packed(packed: torch.Tensor, diags: torch.Tensor, holes: list[int], movers: list[int], span: int,
                  new_span: int, positions: torch.Tensor) -> None:
     """Give each hole (a picked position before ``new_span``) the rows and columns of G_r and H_r of its mover (a
@@ -828,10 +836,7 @@ def _move_packed(packed: torch.Tensor, diags: torch.Tensor, holes: list[int], mo
     hole_t, mover_t = torch.tensor(holes, device=device), torch.tensor(movers, device=device)
     for i in range(0, len(holes), GREEDY_WORKSPACE):
         hs, ms = hole_t[i : i + GREEDY_WORKSPACE], mover_t[i : i + GREEDY_WORKSPACE]
-        along = packed.index_select(0, ms)[:, :span]  # packed[m, p]
-        across = packed[:span].index_select(1, ms).T  # packed[p, m]
-        before = positions[:span] < ms[:, None]
-        g_rows, h_rows = torch.where(before, along, across), torch.where(before, across, along)  # G_r[m], H_r[m]
+        g_rows, h_rows = _packed_rows(packed, ms, span, positions)
         g_new, h_new = g_rows[:, :new_span].clone(), h_rows[:, :new_span].clone()
         g_new[:, hole_t], h_new[:, hole_t] = g_rows[:, mover_t], h_rows[:, mover_t]  # every mover at its hole
         left = positions[:new_span] < hs[:, None]
